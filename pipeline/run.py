@@ -1,0 +1,98 @@
+"""taildiff's entry point: resolve the config, write it into the run folder, chain the stages.
+
+    python pipeline/run.py --config configs/fmnist_lt.yaml [--set key=value ...] [--stages data] [--dry-run]
+
+Locally this starts a Ray instance of its own; under `ray job submit` (or with RAY_ADDRESS
+set) it joins that cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repo root, not pipeline/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from pipeline.config import DEFAULT_CONFIG, STAGES, Config, load_config  # noqa: E402
+from pipeline.errors import TaildiffError  # noqa: E402
+
+log = logging.getLogger("taildiff")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pipeline/run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML preset (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.imb_factor=0.02 (repeatable)")
+    parser.add_argument("--stages", default=None,
+                        help=f"comma-separated stages to run (default: the config's; known: {','.join(STAGES)})")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    return parser.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.stages:
+        overrides.append(f"stages={args.stages}")
+    return load_config(args.config, overrides)
+
+
+def write_run_config(cfg: Config) -> Path:
+    from pipeline.data import writable_dir
+
+    run_dir = writable_dir(cfg.run_dir, "run folder")
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+    os.replace(tmp, run_dir / "config.json")
+    return run_dir
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # a cluster, or inside `ray job submit`
+        ray.init(address="auto", log_to_driver=False)
+    else:
+        ray.init(log_to_driver=False)
+
+
+def run(cfg: Config) -> dict:
+    """Run the configured stages in order; returns what each produced."""
+    run_dir = write_run_config(cfg)  # before any work, so a failed run still says what it was
+    init_ray()
+    outputs: dict = {}
+    if "data" in cfg.stages:
+        from pipeline.data import run_data
+
+        outputs["data"] = run_data(cfg)
+    summary = {"run_dir": str(run_dir)}
+    if "data" in outputs:
+        summary["dataset_dir"] = str(outputs["data"].path)
+        summary["data_reused"] = outputs["data"].skipped
+    (run_dir / "stages.json").write_text(json.dumps(summary, indent=2))
+    return outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = resolve(args)
+        if args.dry_run:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        run(cfg)
+    except TaildiffError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Shared fixtures: one Ray instance for the whole session, small configs in temp folders."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """A Config from a preset with overrides, writing under this test's temp folder."""
+
+    def make(preset: str = "digits_lt", *overrides: str):
+        return load_config(REPO / "configs" / f"{preset}.yaml", [f"output_dir={tmp_path / 'out'}", *overrides])
+
+    return make

@@ -1,0 +1,63 @@
+"""Config presets, overrides and the one-line errors for bad keys and values."""
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, config_hash, load_config
+from pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = ["fmnist_lt", "digits_lt", "cifar10_lt", "cifar100_lt"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_load(preset):
+    cfg = load_config(REPO / "configs" / f"{preset}.yaml")
+    assert isinstance(cfg, Config) and cfg.name == preset
+    json.dumps(cfg.to_dict())  # serialisable as written into the run folder
+
+
+def test_default_is_fashion_mnist_lt():
+    cfg = load_config(None)
+    assert (cfg.data.dataset, cfg.data.profile, cfg.data.imb_factor) == ("fashion-mnist", "exp", 0.01)
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(None, ["data.imb_factor=0.02", "data.class_order=[9,8,7,6,5,4,3,2,1,0]",
+                             "resample.mode=sqrt", "stages=data", "data.data_root=/x/y"])
+    assert cfg.data.imb_factor == 0.02 and cfg.data.class_order == tuple(range(9, -1, -1))
+    assert cfg.resample.mode == "sqrt" and cfg.stages == ("data",) and cfg.data.data_root == "/x/y"
+
+
+def test_hash_tracks_content():
+    a, b = load_config(None), load_config(None, ["data.imb_factor=0.02"])
+    assert config_hash(a.data) == config_hash(load_config(None).data) != config_hash(b.data)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.imbfactor=0.1", "unknown config key data.imbfactor (did you mean data.imb_factor?)"),
+    ("trian.steps=3", "unknown config key trian"),
+    ("data.imb_factor=1.5", "outside (0, 1]"),
+    ("data.imb_factor=0", "outside (0, 1]"),
+    ("data.dataset=mnist-ish", "unknown dataset 'mnist-ish'"),
+    ("data.profile=linear", "unknown imbalance profile 'linear'"),
+    ("resample.mode=fancy", "unknown resample mode 'fancy'"),
+    ("data.seed=abc", "data.seed must be an integer"),
+    ("stages=data,paint", "unknown stage(s) paint"),
+    ("data.on_corrupt=ignore", "use fail or skip"),
+    ("noequals", "--set expects key=value"),
+])
+def test_bad_values_give_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found: pass --config configs/"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
