@@ -60,6 +60,9 @@ def init_ray() -> None:
         ray.init(address="auto", log_to_driver=False)
     else:
         ray.init(log_to_driver=False)
+    # Stage progress is reported by the stages themselves; Ray Data's per-dataset chatter is not.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def run(cfg: Config) -> dict:
