@@ -19,11 +19,16 @@ from typing import Any, Optional, Union
 import yaml
 
 from models.longtail import PROFILES
+from models.methods import METHODS
 from models.resampling import MODES
+from models.sampling import SAMPLERS
+from models.schedule import SCHEDULES
+from models.unet import COND_DROP_MODES, PRESETS as MODEL_PRESETS
 from pipeline.errors import ConfigError
 from pipeline.sources import SOURCES
 
-STAGES = ("data",)
+STAGES = ("data", "train", "sample")
+SAMPLE_PLANS = ("balanced", "fill", "counts")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "fmnist_lt.yaml"
 
@@ -58,6 +63,63 @@ class ResampleConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The denoiser and its noise schedule (models/unet.py, models/schedule.py)."""
+
+    preset: str = "small"  # small | cifar (the DDPM CIFAR-10 network, 35.7M)
+    image_size: int = 32  # training resolution; smaller images are padded (value −1), samples cropped back
+    dropout: Optional[float] = None  # None = the preset's (0.1)
+    cond_drop: str = "sample"  # CFG label dropout: sample (learned null class) | batch (released code)
+    schedule: str = "linear"
+    timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One Ray Train run per method; hyper-parameters as models/training.py's TrainHParams."""
+
+    methods: tuple = ("ddpm",)
+    steps: int = 1500
+    batch_size: int = 64  # global: split evenly over the workers
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    p_uncond: float = 0.1
+    hflip: bool = False
+    bf16: bool = True
+    channels_last: bool = False
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    torch_threads: Optional[int] = None  # None = cpus_per_worker
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Generation on a Ray Data actor pool from the EMA weights."""
+
+    plan: str = "balanced"  # balanced: per_class each | fill: up to n_max | counts: explicit
+    per_class: int = 10
+    counts: Optional[tuple] = None  # plan=counts: one count per class, label order
+    sampler: str = "ddim"  # ddim | ddpm (ancestral, all T steps)
+    steps: int = 50  # DDIM steps
+    eta: float = 0.0
+    omega: float = 1.0  # guidance ω in (1+ω)·ε(x,y) − ω·ε(x,∅)
+    clip_x0: Optional[bool] = None  # None = the sampler's default
+    batch_size: int = 50
+    num_actors: int = 1  # one per GPU (use_gpu) or CPU slot
+    use_gpu: bool = False
+    bf16: bool = True
+    grid_per_class: int = 10
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run. `pipeline/run.py` resolves it, writes it as JSON, then chains the stages."""
 
@@ -67,6 +129,9 @@ class Config:
     stages: tuple = STAGES
     data: DataConfig = field(default_factory=DataConfig)
     resample: ResampleConfig = field(default_factory=ResampleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -76,11 +141,15 @@ class Config:
         return Path(self.output_dir) / "runs" / self.name
 
 
-def config_hash(section: Any, exclude: tuple[str, ...] = ()) -> str:
-    """Stable short hash of a config section, for naming artifact folders."""
-    payload = {k: v for k, v in dataclasses.asdict(section).items() if k not in exclude}
+def stable_hash(payload: Any) -> str:
+    """Short hash of JSON-able data, stable across processes and runs."""
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def config_hash(section: Any, exclude: tuple[str, ...] = ()) -> str:
+    """Stable short hash of a config section, for naming artifact folders."""
+    return stable_hash({k: v for k, v in dataclasses.asdict(section).items() if k not in exclude})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,8 +288,42 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown resample mode {r.mode!r}: set resample.mode to one of {', '.join(MODES)}")
     if r.batch_size < 1 or (r.epoch_size is not None and r.epoch_size < 1):
         raise ConfigError("resample.batch_size and resample.epoch_size must be positive")
+    _validate_model_train_sample(cfg)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"run name {cfg.name!r} must be a non-empty folder name without '/'")
+
+
+def _validate_model_train_sample(cfg: Config) -> None:
+    m, t, s = cfg.model, cfg.train, cfg.sample
+    if m.preset not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model.preset {m.preset!r}: use one of {', '.join(MODEL_PRESETS)}")
+    if m.cond_drop not in COND_DROP_MODES:
+        raise ConfigError(f"model.cond_drop={m.cond_drop!r}: use one of {', '.join(COND_DROP_MODES)}")
+    if m.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown model.schedule {m.schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if m.image_size < 4 or m.timesteps < 2:
+        raise ConfigError("model.image_size must be >= 4 and model.timesteps >= 2")
+    bad = [name for name in t.methods if name not in METHODS]
+    if bad or not t.methods:
+        raise ConfigError(f"unknown train.methods {bad or '[]'}: choose from {', '.join(METHODS)}")
+    for key in ("steps", "batch_size", "num_workers", "cpus_per_worker", "log_every", "checkpoint_every",
+                "keep_checkpoints"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be positive")
+    if t.batch_size % t.num_workers:
+        raise ConfigError(f"train.batch_size={t.batch_size} must divide evenly over train.num_workers={t.num_workers}")
+    if not 0.0 <= t.p_uncond < 1.0 or t.lr <= 0 or not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError("train.p_uncond and train.ema_decay must be in [0, 1), train.lr positive")
+    if s.plan not in SAMPLE_PLANS:
+        raise ConfigError(f"unknown sample.plan {s.plan!r}: use one of {', '.join(SAMPLE_PLANS)}")
+    if s.plan == "counts" and not s.counts:
+        raise ConfigError("sample.plan=counts needs sample.counts=[n_0, n_1, ...] (one per class)")
+    if s.sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sample.sampler {s.sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if not 1 <= s.steps <= m.timesteps:
+        raise ConfigError(f"sample.steps={s.steps} must be in [1, model.timesteps={m.timesteps}]")
+    if s.batch_size < 1 or s.num_actors < 1 or s.per_class < 0 or s.omega < 0:
+        raise ConfigError("sample.batch_size and sample.num_actors must be positive, per_class and omega >= 0")

@@ -74,12 +74,35 @@ def run(cfg: Config) -> dict:
         from pipeline.data import run_data
 
         outputs["data"] = run_data(cfg)
+    if "train" in cfg.stages or "sample" in cfg.stages:
+        from pipeline.train import run_train
+
+        data = outputs.get("data") or _require_data(cfg)
+        outputs["train"] = run_train(cfg, data)
+    if "sample" in cfg.stages:
+        from pipeline.sample import run_sample
+
+        outputs["sample"] = run_sample(cfg, outputs["data"] if "data" in outputs else _require_data(cfg),
+                                       outputs["train"])
     summary = {"run_dir": str(run_dir)}
     if "data" in outputs:
         summary["dataset_dir"] = str(outputs["data"].path)
         summary["data_reused"] = outputs["data"].skipped
+    for method, art in outputs.get("train", {}).items():
+        summary.setdefault("models", {})[method] = {"path": str(art.path), "reused": art.skipped,
+                                                    "step": art.metrics.get("step")}
+    for method, art in outputs.get("sample", {}).items():
+        summary.setdefault("samples", {})[method] = {"path": str(art.path), "reused": art.skipped,
+                                                     "images": art.num_images}
     (run_dir / "stages.json").write_text(json.dumps(summary, indent=2))
     return outputs
+
+
+def _require_data(cfg: Config):
+    """The data stage's folder for this config: built now if missing (it is cheap and idempotent)."""
+    from pipeline.data import run_data
+
+    return run_data(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

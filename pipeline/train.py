@@ -1,0 +1,222 @@
+"""Train stage: one Ray Train `TorchTrainer` run per method, fed by the rebalanced stream.
+
+Layout under the run folder:
+  train/ray/<method>-<hash>/       Ray Train storage (checkpoints, snapshot); the same name on a
+                                   rerun makes Ray Train resume from the latest checkpoint
+  train/<method>/model.pt          EMA weights + what is needed to rebuild the net (the artifact)
+  train/<method>/loss.csv, loss.png, metrics.json, manifest.json
+
+The hash covers everything that shapes the weights (data, resampling, model, training, method),
+so a changed config trains afresh instead of resuming an incompatible checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from models.methods import get_method
+from models.schedule import NoiseSchedule
+from models.seeding import derive_seed
+from models.training import TrainHParams
+from models.unet import build_unet
+from pipeline.config import Config, config_from_dict, stable_hash
+from pipeline.data import DatasetArtifact
+from pipeline.errors import TaildiffError
+
+log = logging.getLogger("taildiff.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised inside a worker when the running loss stops being finite."""
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    method: str
+    path: Path  # train/<method>/
+    metrics: dict
+    skipped: bool
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "model.pt"
+
+
+def hparams(cfg: Config) -> TrainHParams:
+    t = cfg.train
+    return TrainHParams(lr=t.lr, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
+                        ema_warmup=t.ema_warmup, p_uncond=t.p_uncond, cond_drop=cfg.model.cond_drop,
+                        bf16=t.bf16, channels_last=t.channels_last)
+
+
+def build_net(cfg: Config, manifest: dict) -> torch.nn.Module:
+    extra = {} if cfg.model.dropout is None else {"dropout": cfg.model.dropout}
+    return build_unet(cfg.model.preset, in_channels=manifest["image_shape"][2],
+                      num_classes=len(manifest["class_names"]), cond_drop=cfg.model.cond_drop, **extra)
+
+
+def make_schedule(cfg: Config) -> NoiseSchedule:
+    return NoiseSchedule(cfg.model.schedule, cfg.model.timesteps)
+
+
+def run_key(cfg: Config, data: DatasetArtifact, method: str) -> str:
+    """Hash of everything that shapes a method's weights but the step count (and not logging or
+    checkpoint cadence): raising train.steps continues the same Ray Train run from its checkpoint."""
+    train = dataclasses.replace(cfg.train, methods=(method,), steps=0, log_every=0, checkpoint_every=0,
+                                keep_checkpoints=0, max_failures=0)
+    payload = {"data": data.manifest["config_hash"], "resample": dataclasses.asdict(cfg.resample),
+               "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(train), "seed": cfg.seed}
+    return stable_hash(payload)
+
+
+def latest_progress(storage: Path) -> dict | None:
+    """progress.json of the checkpoint Ray Train will resume from, if any (read by the driver)."""
+    snapshot = storage / "checkpoint_manager_snapshot.json"
+    try:
+        state = json.loads(snapshot.read_text())
+        name = state["latest_checkpoint_result"]["checkpoint_dir_name"]
+        return json.loads((storage / name / "progress.json").read_text())
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def run_train(cfg: Config, data: DatasetArtifact) -> dict[str, ModelArtifact]:
+    return {method: train_method(cfg, data, method) for method in cfg.train.methods}
+
+
+def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifact:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.resample import resampled_stream
+    from pipeline.train_loop import train_loop_per_worker
+
+    out = (cfg.run_dir / "train" / method).resolve()
+    key = run_key(cfg, data, method)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if (manifest.get("run_key") == key and manifest["metrics"].get("step") == cfg.train.steps
+                and (out / "model.pt").is_file()):
+            log.info("train[%s]: reusing %s (step %s)", method, out, manifest["metrics"].get("step"))
+            return ModelArtifact(method, out, manifest["metrics"], skipped=True)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = (cfg.run_dir / "train" / "ray").resolve()
+    name = f"{method}-{key}"
+    progress = latest_progress(storage / name)
+    start_epoch = progress["epoch"] if progress else 0
+    if progress and progress["step"] > cfg.train.steps:
+        raise TaildiffError(
+            f"{storage / name} already holds a checkpoint at step {progress['step']} > train.steps="
+            f"{cfg.train.steps}: raise train.steps, or pick another run name (--set name=...)")
+    if progress:
+        log.info("train[%s]: resuming from step %d (epoch %d)", method, progress["step"], start_epoch)
+
+    per_worker = cfg.train.batch_size // cfg.train.num_workers
+    rcfg = dataclasses.replace(cfg.resample, batch_size=per_worker)
+    stream = resampled_stream(data.split_dir("train"), data.image_shape, rcfg,
+                              seed=derive_seed(cfg.seed, "resample", method), start_epoch=start_epoch,
+                              num_classes=data.num_classes)
+    loop_config = {"config": cfg.to_dict(), "method": method, "manifest": data.manifest, "out_dir": str(out),
+                   "start_epoch": start_epoch}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets={"train": stream},
+    )
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TaildiffError(_failure_message(method, exc, storage / name)) from None
+    metrics = dict(result.return_value or {})
+    if not metrics:
+        raise TaildiffError(f"training {method} returned no metrics; see the Ray logs under {storage / name}")
+    metrics["fit_seconds"] = round(time.perf_counter() - started, 2)
+    _export_model(result.checkpoint, out)
+    plot_loss_curve(out / "loss.csv", out / "loss.png", title=f"{cfg.name}: {method}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    manifest = {"method": method, "run_key": key, "ray_run": str(storage / name), "metrics": metrics,
+                "dataset": str(data.path), "config": cfg.to_dict()}
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)  # last: marks the stage finished
+    log.info("train[%s]: %d steps, final loss %.4f, %.1f img/s", method, metrics["step"], metrics["loss"],
+             metrics.get("images_per_second", float("nan")))
+    return ModelArtifact(method, out, metrics, skipped=False)
+
+
+def _failure_message(method: str, exc: Exception, where: Path) -> str:
+    text = str(exc)
+    if "NonFiniteLossError" in text:
+        line = next((ln for ln in text.splitlines() if "NonFiniteLossError" in ln), text.splitlines()[0])
+        return (f"training {method} stopped: {line.split('NonFiniteLossError:')[-1].strip()}; the last good "
+                f"checkpoint is kept in {where}: lower train.lr or raise train.warmup_steps and rerun")
+    first = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+    return f"training {method} failed ({first}); the Ray logs and last checkpoint are in {where}"
+
+
+def _export_model(checkpoint, out: Path) -> None:
+    """model.pt = the EMA weights and how to rebuild the net; written atomically."""
+    with checkpoint.as_directory() as ckpt_dir:
+        state = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+    export = {"ema": state["ema"], "step": state["step"], "config": state["config"]}
+    tmp = out / "model.pt.tmp"
+    torch.save(export, tmp)
+    os.replace(tmp, out / "model.pt")
+
+
+def load_model(path: Path, device: str | torch.device = "cpu"):
+    """EMA denoiser from a model.pt, with the Config and data manifest it was trained with."""
+    try:
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise TaildiffError(f"cannot load model weights {path} ({exc}): rerun the train stage") from None
+    saved = json.loads(blob["config"])
+    cfg = config_from_dict(saved["run"])
+    net = build_net(cfg, saved["manifest"])
+    net.load_state_dict(blob["ema"])
+    return net.to(device).eval().requires_grad_(False), cfg, saved["manifest"]
+
+
+def plot_loss_curve(csv_path: Path, png_path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not csv_path.is_file():
+        return
+    rows = [line.split(",") for line in csv_path.read_text().splitlines()]
+    header, rows = rows[0], [r for r in rows[1:] if r and r[0]]
+    if not rows:
+        return
+    cols = {name: [float(r[i]) for r in rows] for i, name in enumerate(header)}
+    skip = {"step", "lr", "images_per_second", "grad_norm", "epoch"}
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, values in cols.items():
+        if name not in skip:
+            ax.plot(cols["step"], values, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over logging window)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
