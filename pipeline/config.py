@@ -92,7 +92,7 @@ class TrainConfig:
     channels_last: bool = False
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0  # fractions let small CPU runs leave cores to Ray Data
     torch_threads: Optional[int] = None  # None = cpus_per_worker
     log_every: int = 50
     checkpoint_every: int = 500
@@ -251,6 +251,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -309,8 +314,9 @@ def _validate_model_train_sample(cfg: Config) -> None:
     bad = [name for name in t.methods if name not in METHODS]
     if bad or not t.methods:
         raise ConfigError(f"unknown train.methods {bad or '[]'}: choose from {', '.join(METHODS)}")
-    for key in ("steps", "batch_size", "num_workers", "cpus_per_worker", "log_every", "checkpoint_every",
-                "keep_checkpoints"):
+    if t.cpus_per_worker <= 0:
+        raise ConfigError(f"train.cpus_per_worker={t.cpus_per_worker} must be positive")
+    for key in ("steps", "batch_size", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be positive")
     if t.batch_size % t.num_workers:

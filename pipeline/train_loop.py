@@ -67,7 +67,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     out_dir = Path(loop_config["out_dir"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.train.torch_threads or cfg.train.cpus_per_worker)
+    torch.set_num_threads(cfg.train.torch_threads or max(1, round(cfg.train.cpus_per_worker)))
     torch.manual_seed(derive_seed(cfg.seed, "torch", method, rank))
     device = ray.train.torch.get_device()
 
