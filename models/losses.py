@@ -1,7 +1,10 @@
 """Diffusion training losses, one function per method, one signature:
 
-    loss(net, x0, y, schedule, *, t=None, noise=None, generator=None, **method_options)
+    loss(net, x0, y, schedule, *, t=None, noise=None, generator=None, y_true=None)
         -> {"loss": (B,) per-sample objective, <other named (B,) terms for logging>}
+
+y are the labels fed to the net (the null label where dropped for guidance), y_true the data
+labels. Methods and their composition live in models/methods.py.
 
 Every random draw (t, ε, and each method's own) is either passed in or drawn from `generator`,
 so the same inputs give the same loss and a test can check it against the paper's equation.
@@ -29,8 +32,11 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ddpm_loss(net, x0: torch.Tensor, y: torch.Tensor, schedule: NoiseSchedule, *,
-              t=None, noise=None, generator=None) -> dict[str, torch.Tensor]:
-    """L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, y)‖² (Ho et al. 2020, Eq. 14)."""
+              t=None, noise=None, generator=None, y_true=None) -> dict[str, torch.Tensor]:
+    """L_simple = ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, y)‖² (Ho et al. 2020, Eq. 14).
+
+    The reference every method reduces to; `y_true` (the labels before dropout) is unused here.
+    """
     t, noise = draw_t_noise(x0, schedule, t, noise, generator)
     x_t = schedule.q_sample(x0, t, noise)  # (B, C, H, W)
     eps = net(x_t, t, y)

@@ -91,7 +91,7 @@ def train_step(state: TrainState, x0: torch.Tensor, y: torch.Tensor, loss_fn: Ca
     null = net.module.null_label if hasattr(net, "module") else net.null_label
     y_in = drop_labels(y, hp.p_uncond, hp.cond_drop, null, state.generator)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=hp.bf16):
-        terms = loss_fn(net, x0, y_in, schedule, generator=state.generator, **loss_options)
+        terms = loss_fn(net, x0, y_in, schedule, generator=state.generator, y_true=y, **loss_options)
     loss = terms["loss"].float().mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from models.longtail import PROFILES
-from models.methods import METHODS
+from models.methods import METHODS, MethodOptions, get_method
 from models.resampling import MODES
 from models.sampling import SAMPLERS
 from models.schedule import SCHEDULES
@@ -98,6 +98,43 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     max_failures: int = 1
+    init_from: Optional[str] = None  # fine-tune: a method of this run (e.g. ddpm) or a model.pt path
+
+
+@dataclass(frozen=True)
+class CBDMConfig:
+    """CBDM (models/cbdm.py): w_t = tau·t/T; label_set train | balanced | sqrt; |𝒴| = num_labels."""
+
+    tau: float = 1.0
+    gamma: float = 0.25
+    label_set: str = "train"
+    num_labels: int = 1
+    batched: bool = True  # the y and y′ forwards as one batch
+
+
+@dataclass(frozen=True)
+class OCConfig:
+    """OC target transfer (models/oc.py); the mode comes from the method name (t2h/h2t/oc_full)."""
+
+    beta: float = 0.0  # q(y)^β-weighted selection, Eq. 7
+    cutoff: int = 1000  # transfer only for t < cutoff
+    batch_resample: bool = False  # class-balanced batches (resample.mode=balanced_batch) for OC methods
+
+
+@dataclass(frozen=True)
+class DiffROPConfig:
+    """DiffROP (models/diffrop.py): form neg_l2 | hinge | reciprocal | exponential."""
+
+    form: str = "reciprocal"
+    tau0: float = 0.01
+    temperature: float = 1.0
+    margin: float = 1.0
+    group_size: int = 8
+
+
+@dataclass(frozen=True)
+class ReweightConfig:
+    power: float = 1.0  # loss weight ∝ n_c^−power
 
 
 @dataclass(frozen=True)
@@ -132,6 +169,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    cbdm: CBDMConfig = field(default_factory=CBDMConfig)
+    oc: OCConfig = field(default_factory=OCConfig)
+    diffrop: DiffROPConfig = field(default_factory=DiffROPConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -311,9 +352,17 @@ def _validate_model_train_sample(cfg: Config) -> None:
         raise ConfigError(f"unknown model.schedule {m.schedule!r}: use one of {', '.join(SCHEDULES)}")
     if m.image_size < 4 or m.timesteps < 2:
         raise ConfigError("model.image_size must be >= 4 and model.timesteps >= 2")
-    bad = [name for name in t.methods if name not in METHODS]
-    if bad or not t.methods:
-        raise ConfigError(f"unknown train.methods {bad or '[]'}: choose from {', '.join(METHODS)}")
+    if not t.methods:
+        raise ConfigError(f"train.methods is empty: choose from {', '.join(METHODS)} (combine with '+')")
+    try:
+        for name in t.methods:
+            get_method(name)
+        method_options(cfg).validate()
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (train.methods / the cbdm, oc, diffrop sections)") from None
+    if t.init_from and t.init_from in METHODS and t.init_from not in t.methods:
+        raise ConfigError(f"train.init_from={t.init_from} names a method this run does not train: add it to "
+                          "train.methods before the fine-tuned one, or give a model.pt path")
     if t.cpus_per_worker <= 0:
         raise ConfigError(f"train.cpus_per_worker={t.cpus_per_worker} must be positive")
     for key in ("steps", "batch_size", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -333,3 +382,13 @@ def _validate_model_train_sample(cfg: Config) -> None:
         raise ConfigError(f"sample.steps={s.steps} must be in [1, model.timesteps={m.timesteps}]")
     if s.batch_size < 1 or s.num_actors < 1 or s.per_class < 0 or s.omega < 0:
         raise ConfigError("sample.batch_size and sample.num_actors must be positive, per_class and omega >= 0")
+
+
+def method_options(cfg: Config) -> MethodOptions:
+    """The models-side knobs of every method, from the config's method sections."""
+    c, o, d, r = cfg.cbdm, cfg.oc, cfg.diffrop, cfg.reweight
+    return MethodOptions(
+        cbdm_tau=c.tau, cbdm_gamma=c.gamma, cbdm_label_set=c.label_set, cbdm_num_labels=c.num_labels,
+        cbdm_batched=c.batched, oc_beta=o.beta, oc_cutoff=o.cutoff, diffrop_form=d.form, diffrop_tau0=d.tau0,
+        diffrop_temperature=d.temperature, diffrop_margin=d.margin, diffrop_group_size=d.group_size,
+        reweight_power=r.power)

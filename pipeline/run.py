@@ -66,43 +66,36 @@ def init_ray() -> None:
 
 
 def run(cfg: Config) -> dict:
-    """Run the configured stages in order; returns what each produced."""
+    """Run the configured stages in order; returns what each produced.
+
+    Each stage skips itself when its artifacts for this config exist. A later stage needs the
+    earlier ones' artifacts, so asking for `sample` alone still makes sure data and train are done.
+    """
+    from pipeline.data import run_data
+
     run_dir = write_run_config(cfg)  # before any work, so a failed run still says what it was
     init_ray()
-    outputs: dict = {}
-    if "data" in cfg.stages:
-        from pipeline.data import run_data
-
-        outputs["data"] = run_data(cfg)
+    outputs: dict = {"data": run_data(cfg)}
     if "train" in cfg.stages or "sample" in cfg.stages:
         from pipeline.train import run_train
 
-        data = outputs.get("data") or _require_data(cfg)
-        outputs["train"] = run_train(cfg, data)
+        outputs["train"] = run_train(cfg, outputs["data"])
     if "sample" in cfg.stages:
         from pipeline.sample import run_sample
 
-        outputs["sample"] = run_sample(cfg, outputs["data"] if "data" in outputs else _require_data(cfg),
-                                       outputs["train"])
-    summary = {"run_dir": str(run_dir)}
-    if "data" in outputs:
-        summary["dataset_dir"] = str(outputs["data"].path)
-        summary["data_reused"] = outputs["data"].skipped
+        outputs["sample"] = run_sample(cfg, outputs["data"], outputs["train"])
+    summary = {"run_dir": str(run_dir), "dataset_dir": str(outputs["data"].path),
+               "data_reused": outputs["data"].skipped}
     for method, art in outputs.get("train", {}).items():
         summary.setdefault("models", {})[method] = {"path": str(art.path), "reused": art.skipped,
                                                     "step": art.metrics.get("step")}
     for method, art in outputs.get("sample", {}).items():
         summary.setdefault("samples", {})[method] = {"path": str(art.path), "reused": art.skipped,
                                                      "images": art.num_images}
-    (run_dir / "stages.json").write_text(json.dumps(summary, indent=2))
+    tmp = run_dir / "stages.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, run_dir / "stages.json")
     return outputs
-
-
-def _require_data(cfg: Config):
-    """The data stage's folder for this config: built now if missing (it is cheap and idempotent)."""
-    from pipeline.data import run_data
-
-    return run_data(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:

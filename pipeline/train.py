@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from models.methods import get_method
+from models.oc import transfer_probability_curve
 from models.schedule import NoiseSchedule
 from models.seeding import derive_seed
 from models.training import TrainHParams
@@ -72,9 +73,39 @@ def run_key(cfg: Config, data: DatasetArtifact, method: str) -> str:
     checkpoint cadence): raising train.steps continues the same Ray Train run from its checkpoint."""
     train = dataclasses.replace(cfg.train, methods=(method,), steps=0, log_every=0, checkpoint_every=0,
                                 keep_checkpoints=0, max_failures=0)
-    payload = {"data": data.manifest["config_hash"], "resample": dataclasses.asdict(cfg.resample),
-               "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(train), "seed": cfg.seed}
+    spec = get_method(method)
+    payload = {"data": data.manifest["config_hash"], "resample": dataclasses.asdict(method_resample(cfg, method)),
+               "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(train), "seed": cfg.seed,
+               "method": method}
+    sections = {"cbdm": "cbdm" in spec.regularisers, "oc": spec.oc_mode is not None,
+                "diffrop": "diffrop" in spec.regularisers, "reweight": spec.reweight}
+    payload.update({name: dataclasses.asdict(getattr(cfg, name)) for name, used in sections.items() if used})
     return stable_hash(payload)
+
+
+def method_resample(cfg: Config, method: str):
+    """The data stream a method trains on: rs/rs_sqrt pick their mode, OC may ask for balanced batches."""
+    spec = get_method(method)
+    rcfg = cfg.resample
+    if spec.resample:
+        rcfg = dataclasses.replace(rcfg, mode=spec.resample)
+    if spec.oc_mode and cfg.oc.batch_resample:
+        if spec.resample:
+            raise TaildiffError(f"method {method} asks for {spec.resample} resampling and oc.batch_resample: pick one")
+        rcfg = dataclasses.replace(rcfg, mode="balanced_batch")
+    return rcfg
+
+
+def init_weights_path(cfg: Config, method: str) -> str | None:
+    """train.init_from as a model.pt path (a method of this run, trained earlier in it, or a path)."""
+    source = cfg.train.init_from
+    if not source or source == method:
+        return None
+    path = (cfg.run_dir / "train" / source / "model.pt") if source in cfg.train.methods else Path(source)
+    if not path.is_file():
+        raise TaildiffError(f"train.init_from={source}: no weights at {path}; train that method first "
+                            "(list it earlier in train.methods) or give an existing model.pt")
+    return str(path.resolve())
 
 
 def latest_progress(storage: Path) -> dict | None:
@@ -99,6 +130,7 @@ def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifa
     from pipeline.resample import resampled_stream
     from pipeline.train_loop import train_loop_per_worker
 
+    spec = get_method(method)
     out = (cfg.run_dir / "train" / method).resolve()
     key = run_key(cfg, data, method)
     manifest_path = out / "manifest.json"
@@ -110,7 +142,7 @@ def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifa
             return ModelArtifact(method, out, manifest["metrics"], skipped=True)
     out.mkdir(parents=True, exist_ok=True)
     storage = (cfg.run_dir / "train" / "ray").resolve()
-    name = f"{method}-{key}"
+    name = f"{method.replace('+', '-')}-{key}"
     progress = latest_progress(storage / name)
     start_epoch = progress["epoch"] if progress else 0
     if progress and progress["step"] > cfg.train.steps:
@@ -121,12 +153,14 @@ def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifa
         log.info("train[%s]: resuming from step %d (epoch %d)", method, progress["step"], start_epoch)
 
     per_worker = cfg.train.batch_size // cfg.train.num_workers
-    rcfg = dataclasses.replace(cfg.resample, batch_size=per_worker)
+    rcfg = dataclasses.replace(method_resample(cfg, method), batch_size=per_worker)
+    if spec.oc_mode:
+        plot_transfer_curve(cfg, data, rcfg, out)
     stream = resampled_stream(data.split_dir("train"), data.image_shape, rcfg,
                               seed=derive_seed(cfg.seed, "resample", method), start_epoch=start_epoch,
                               num_classes=data.num_classes)
     loop_config = {"config": cfg.to_dict(), "method": method, "manifest": data.manifest, "out_dir": str(out),
-                   "start_epoch": start_epoch}
+                   "start_epoch": start_epoch, "init_weights": init_weights_path(cfg, method)}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -152,7 +186,8 @@ def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifa
     plot_loss_curve(out / "loss.csv", out / "loss.png", title=f"{cfg.name}: {method}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     manifest = {"method": method, "run_key": key, "ray_run": str(storage / name), "metrics": metrics,
-                "dataset": str(data.path), "config": cfg.to_dict()}
+                "dataset": str(data.path), "init_from": loop_config["init_weights"], "resample": rcfg.mode,
+                "config": cfg.to_dict()}
     tmp = manifest_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_path)  # last: marks the stage finished
@@ -195,6 +230,7 @@ def load_model(path: Path, device: str | torch.device = "cpu"):
 
 
 def plot_loss_curve(csv_path: Path, png_path: Path, title: str) -> None:
+    """One panel per logged term (loss, mse, cbdm_reg, oc_moved, ...) against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,21 +238,54 @@ def plot_loss_curve(csv_path: Path, png_path: Path, title: str) -> None:
 
     if not csv_path.is_file():
         return
-    rows = [line.split(",") for line in csv_path.read_text().splitlines()]
-    header, rows = rows[0], [r for r in rows[1:] if r and r[0]]
+    lines = [line.split(",") for line in csv_path.read_text().splitlines()]
+    header, rows = lines[0], [r for r in lines[1:] if r and r[0]]
     if not rows:
         return
     cols = {name: [float(r[i]) for r in rows] for i, name in enumerate(header)}
-    skip = {"step", "lr", "images_per_second", "grad_norm", "epoch"}
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, values in cols.items():
-        if name not in skip:
-            ax.plot(cols["step"], values, label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over logging window)")
-    ax.set_title(title)
-    ax.legend()
+    meta = {"step", "epoch", "lr", "images_per_second", "data_wait_fraction"}
+    names = [n for n in header if n not in meta]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ax.plot(cols["step"], cols[name])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+def plot_transfer_curve(cfg: Config, data: DatasetArtifact, rcfg, out: Path, batch: int = 256) -> Path:
+    """OC's transfer probability Σ_{z≠i} p_sel(z) against t on a batch of this run's training
+    stream (the paper's Fig. 7), with the cutoff marked. Written before training starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from models.images import to_model_space
+    from models.resampling import epoch_plan
+    from pipeline.shards import read_split
+
+    arrays = read_split(data.split_dir("train"), data.image_shape)
+    plan = epoch_plan(arrays["label"], rcfg.mode, seed=cfg.seed, epoch=0, power=rcfg.power, batch_size=batch,
+                      epoch_size=max(batch, len(arrays["label"])))[:batch]
+    x0 = to_model_space(torch.from_numpy(arrays["image"][plan]), cfg.model.image_size)
+    schedule = make_schedule(cfg)
+    ts = list(range(0, schedule.T, max(1, schedule.T // 40)))
+    curve = transfer_probability_curve(x0, schedule.alpha_bar, ts, generator=torch.Generator().manual_seed(0))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "oc_transfer.csv").write_text("t,transfer_probability\n" + "".join(f"{t},{p:.6f}\n" for t, p in zip(ts, curve)))
+    fig, ax = plt.subplots(figsize=(5.0, 3.2))
+    ax.plot(ts, curve, marker=".")
+    ax.axvline(cfg.oc.cutoff, color="grey", linestyle="--", label=f"cutoff {cfg.oc.cutoff}")
+    ax.set_xlabel("diffusion step t")
+    ax.set_ylabel("P(target moves to another sample)")
+    ax.set_title(f"OC transfer probability, batch {batch} ({rcfg.mode} stream)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "oc_transfer.png", dpi=110)
+    plt.close(fig)
+    return out / "oc_transfer.png"

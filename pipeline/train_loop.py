@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from models.images import to_model_space
-from models.methods import get_method
+from models.methods import make_loss
 from models.seeding import derive_seed
 from models.training import checkpoint_state, make_train_state, restore_state, train_step
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, method_options
 from pipeline.train import NonFiniteLossError, build_net, hparams, make_schedule
 
 
@@ -74,7 +74,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     hp = hparams(cfg)
     state = make_train_state(build_net(cfg, manifest), hp, derive_seed(cfg.seed, "train", method, rank), device)
     schedule = make_schedule(cfg)
-    loss_fn = get_method(method)
+    loss_fn = make_loss(method, method_options(cfg), manifest["class_counts"])
     run_config = {"run": cfg.to_dict(), "manifest": manifest, "method": method}
 
     epoch, skip = loop_config["start_epoch"], 0
@@ -87,6 +87,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if rank != 0:  # the checkpoint holds rank 0's generator; other ranks re-derive theirs
             state.generator.manual_seed(derive_seed(cfg.seed, "train", method, rank, state.step))
         epoch, skip = progress["epoch"], progress["batches_in_epoch"]
+    elif loop_config.get("init_weights"):  # fine-tuning: start from another model's EMA weights
+        weights = torch.load(loop_config["init_weights"], map_location="cpu", weights_only=True)["ema"]
+        state.net.load_state_dict(weights)
+        state.ema.load_state_dict(weights)
     if world > 1:
         state.net = ray.train.torch.prepare_model(state.net, move_to_device=False)
 
@@ -95,10 +99,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     loss_log = LossLog(out_dir / "loss.csv", rank == 0, state.step)
     shard = ray.train.get_dataset_shard("train")
     sums: dict[str, torch.Tensor] = {}
-    window, window_start, metrics = 0, time.perf_counter(), {}
+    window, window_start, metrics, waited = 0, time.perf_counter(), {}, 0.0
     while state.step < total:
         batches_in_epoch = 0
+        fetch_start = time.perf_counter()
         for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, prefetch_batches=2):
+            waited += time.perf_counter() - fetch_start
             batches_in_epoch += 1
             if skip:  # resuming mid-epoch: these batches were trained on before the checkpoint
                 skip -= 1
@@ -118,9 +124,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 if not all(math.isfinite(v) for v in metrics.values()):
                     raise NonFiniteLossError(f"non-finite loss {metrics['loss']} near step {state.step}")
                 metrics.update(step=state.step, epoch=epoch, lr=state.opt.param_groups[0]["lr"],
-                               images_per_second=window * per_worker * world / max(elapsed, 1e-9))
+                               images_per_second=window * per_worker * world / max(elapsed, 1e-9),
+                               data_wait_fraction=waited / max(elapsed, 1e-9))
                 loss_log.write(metrics)
-                sums, window, window_start = {}, 0, time.perf_counter()
+                sums, window, window_start, waited = {}, 0, time.perf_counter(), 0.0
                 if not (state.step % cfg.train.checkpoint_every == 0 or done):
                     ray.train.report(metrics)
             if state.step % cfg.train.checkpoint_every == 0 or done:
@@ -130,6 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 _save_checkpoint(state, progress, run_config, metrics, rank)
             if done:
                 break
+            fetch_start = time.perf_counter()
         else:
             if batches_in_epoch == 0:
                 raise RuntimeError(f"an epoch of the training stream holds no full batch of {per_worker} rows: "

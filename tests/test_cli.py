@@ -23,7 +23,8 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
 
 
 def test_main_job_runs_then_skips(tmp_path):
-    first = run_cli("--config", "configs/digits_lt.yaml", "--set", f"output_dir={tmp_path}", "--stages", "data")
+    base = ["--config", "configs/digits_lt.yaml", "--set", f"output_dir={tmp_path}"]
+    first = run_cli(*base, "--stages", "data")
     assert first.returncode == 0, first.stderr[-2000:]
     run_dir = tmp_path / "runs" / "digits_lt"
     written = json.loads((run_dir / "config.json").read_text())
@@ -32,8 +33,18 @@ def test_main_job_runs_then_skips(tmp_path):
     manifest = json.loads((tmp_path / "datasets" / stages["dataset_dir"].split("/")[-1] / "manifest.json").read_text())
     assert manifest["dataset"] == "digits" and not stages["data_reused"]
     assert "label" in first.stdout  # the per-class table
-    second = run_cli("--config", "configs/digits_lt.yaml", "--set", f"output_dir={tmp_path}")
-    assert second.returncode == 0 and json.loads((run_dir / "stages.json").read_text())["data_reused"]
+
+    whole = run_cli(*base, "--set", "train.steps=20", "--set", "train.checkpoint_every=10")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert stages["data_reused"] and stages["models"]["ddpm"]["step"] == 20
+    assert stages["samples"]["ddpm"]["images"] == 50
+    assert (run_dir / "samples" / "ddpm" / "grid.png").is_file() and (run_dir / "train" / "ddpm" / "loss.png").is_file()
+
+    again = run_cli(*base, "--set", "train.steps=20", "--set", "train.checkpoint_every=10")
+    assert again.returncode == 0, again.stderr[-2000:]
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert stages["models"]["ddpm"]["reused"] and stages["samples"]["ddpm"]["reused"]
 
 
 @pytest.mark.parametrize("args, message", [

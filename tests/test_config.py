@@ -8,13 +8,13 @@ from pipeline.config import Config, config_hash, load_config
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
-PRESETS = ["fmnist_lt", "digits_lt", "cifar10_lt", "cifar100_lt"]
+PRESETS = ["fmnist_lt", "digits_lt", "cifar10_lt", "cifar100_lt", "paper"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load(preset):
     cfg = load_config(REPO / "configs" / f"{preset}.yaml")
-    assert isinstance(cfg, Config) and cfg.name == preset
+    assert isinstance(cfg, Config) and cfg.name == {"paper": "paper_cifar10_lt"}.get(preset, preset)
     json.dumps(cfg.to_dict())  # serialisable as written into the run folder
 
 

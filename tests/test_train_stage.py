@@ -101,3 +101,23 @@ def test_non_finite_loss_stops_with_a_clear_error(ray_session, tmp_path):
     ckpt = sorted(p for p in storage.glob("checkpoint_*") if p.is_dir())[-1]
     blob = torch.load(ckpt / "state.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in blob["net"].values())
+
+
+def test_composed_methods_and_fine_tuning_through_ray_train(ray_session, tmp_path):
+    cfg = load_config(REPO / "configs" / "digits_lt.yaml", [
+        f"output_dir={tmp_path}", *TINY, "train.num_workers=1", "train.steps=3", "train.log_every=1",
+        "train.methods=[ddpm,cbdm+diffrop,t2h]", "train.init_from=ddpm", "diffrop.group_size=4",
+        "oc.batch_resample=true", "oc.cutoff=800"])
+    data = run_data(cfg)
+    models = run_train(cfg, data)
+    for method in ("ddpm", "cbdm+diffrop", "t2h"):
+        assert models[method].metrics["step"] == 3
+    header = (models["cbdm+diffrop"].path / "loss.csv").read_text().splitlines()[0].split(",")
+    assert {"cbdm_reg", "cbdm_commit", "diffrop", "mse"} <= set(header)
+    t2h = models["t2h"].path
+    assert {"oc_moved", "oc_transfer_prob"} <= set((t2h / "loss.csv").read_text().splitlines()[0].split(","))
+    assert (t2h / "oc_transfer.png").stat().st_size > 0
+    curve = [float(line.split(",")[1]) for line in (t2h / "oc_transfer.csv").read_text().splitlines()[1:]]
+    assert curve[-1] > curve[0] + 0.3  # (repeated tail rows in a balanced batch transfer even at t=0)
+    manifest = json.loads((t2h / "manifest.json").read_text())
+    assert manifest["init_from"].endswith("ddpm/model.pt") and manifest["resample"] == "balanced_batch"
