@@ -309,3 +309,26 @@ def test_every_method_trains_two_steps_through_train_step(name):
     logs = [train_step(state, x0, y, loss_fn, NoiseSchedule(T=100), hp) for _ in range(2)]
     assert state.step == 2 and all(torch.isfinite(v).all() for log in logs for v in log.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, state.net.parameters()))
+
+
+def test_unconditional_oc_gates_on_the_data_labels():
+    """Unconditional training feeds the null label; T2H still gates by the samples' true classes."""
+    counts = torch.tensor([60, 20, 5, 1])
+    fn = make_loss("t2h", MethodOptions(), counts.tolist())
+    net = StubNet(num_classes=4)
+    moved = 0
+    for seed in range(20):
+        x0, _, noise = batch(B=8, seed=seed)
+        t = torch.full((8,), 900)
+        y_true = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(seed))
+        y_null = torch.full((8,), net.null_label)
+        out = fn(net, x0, y_null, SCHEDULE, t=t, noise=noise, y_true=y_true,
+                 generator=torch.Generator().manual_seed(seed))
+        x_t = SCHEDULE.q_sample(x0, t, noise)
+        target, z, _ = oc_target(x0, x_t, t, noise, y_true, counts.float() / counts.sum(), SCHEDULE.alpha_bar,
+                                 mode="t2h", generator=torch.Generator().manual_seed(seed))
+        expected = (net(x_t, t, y_null) - target).pow(2).flatten(1).mean(1)
+        assert torch.allclose(out["mse"], expected.detach(), atol=1e-6)
+        assert (counts[y_true[z]] >= counts[y_true]).all()
+        moved += int(out["oc_moved"].sum())
+    assert moved > 0
