@@ -10,7 +10,10 @@ and the per-sample term is τ(t) · mean_j f(d_ij) over i's valid partners, with
     τ(t) = τ0 · exp(−(t/T) / temperature)   (the paper's temperature-controlled decay in t).
 Pairs share t and ε by construction: the batch is cut into groups of `group_size` consecutive
 samples that draw one (t, ε) per group (`group_draws`), and only pairs inside a group count.
-‖·‖² is the per-pixel mean, as in the DDPM term (the paper leaves the scale implicit).
+‖·‖² is the per-pixel mean, as in the DDPM term (the paper leaves the scale implicit), and the
+term averages over partners where Alg. 1 sums (so τ0 does not scale with the batch); the hinge
+margin is one constant rather than Eq. 15's per-t D_t. Label-dropped (unconditional) samples
+form no pairs: their μ_θ carries no class to separate.
 """
 from __future__ import annotations
 
@@ -53,13 +56,19 @@ def pairwise_penalty(d: torch.Tensor, form: str, margin: float = 1.0) -> torch.T
     raise ValueError(f"unknown DiffROP form {form!r}: use one of {', '.join(FORMS)}")
 
 
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def diffrop_term(mean: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, *, T: int,
                  form: str = "reciprocal", tau0: float = 0.01, temperature: float = 1.0,
-                 margin: float = 1.0) -> torch.Tensor:
-    """Per-sample PCL term. mean: (B, ...) μ_θ(x_t, t, c) with gradient; y: (B,) labels. -> (B,)."""
+                 margin: float = 1.0, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample PCL term. mean: (B, ...) μ_θ(x_t, t, c) with gradient; y: (B,) labels;
+    valid: (B,) bool, samples that may form pairs (the conditional ones). -> (B,)."""
     mask = pair_mask(y, t, noise)  # (B, B)
+    if valid is not None:
+        mask = mask & valid[:, None] & valid[None, :]
     m = mean.flatten(1).float()
-    d = (m[:, None, :] - m[None, :, :]).pow(2).mean(-1)  # (B, B) per-pixel mean squared distance
+    sq = (m * m).sum(1)
+    d = ((sq[:, None] + sq[None, :] - 2 * m @ m.T) / m.shape[1]).clamp(min=0)  # (B, B) per-pixel mean
     f = pairwise_penalty(d, form, margin) * mask
     partners = mask.sum(1)
     per_sample = f.sum(1) / partners.clamp(min=1)

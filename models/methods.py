@@ -140,7 +140,8 @@ def composed_loss(net, x0: torch.Tensor, y: torch.Tensor, schedule, *, spec: Met
     if "diffrop" in spec.regularisers:
         mean = schedule.mean_from_eps(x_t, t, eps.float())
         pcl = diffrop_term(mean, y_true, t, noise, T=schedule.T, form=opts.diffrop_form, tau0=opts.diffrop_tau0,
-                           temperature=opts.diffrop_temperature, margin=opts.diffrop_margin)
+                           temperature=opts.diffrop_temperature, margin=opts.diffrop_margin,
+                           valid=y != _null(net))
         loss = loss + pcl
         out["diffrop"] = pcl.detach()
     out["loss"] = loss

@@ -9,7 +9,9 @@ For each noisy x_t^(i), a clean target x_0^(z) is drawn from the batch (itself i
     full  always;
 and only at steps t < cutoff (the paper's cutoff step; cutoff = 0 disables transfer). The new
 target is ε_z = (x_t − √ᾱ_t x_0^(z)) / √(1 − ᾱ_t); the label fed to the net stays y_i. No
-gradient flows through any of this. ‖·‖² here is the full sum over pixels: it is a likelihood.
+gradient flows through any of this. ‖·‖² here is the full sum over pixels: it is a likelihood,
+computed in fp32 even inside a bf16 autocast region (its terms cancel: bf16 would move the
+logits by O(1) exactly where transfers happen).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ OC_MODES = ("t2h", "h2t", "full")
 
 
 @torch.no_grad()
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def selection_logits(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor,
                      log_freq: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
     """log p_sel up to a per-row constant. x0, x_t: (B, ...); t: (B,). Returns (B_i, B_z)."""

@@ -47,16 +47,18 @@ def class_probabilities(counts: Sequence[int], mode: str, power: float = 1.0) ->
 def allocate(total: int, probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Integer class totals summing to `total` with |m_c − total·π_c| < 1.
 
-    Largest-remainder rounding; the leftover units go to classes drawn without replacement
-    with probability ∝ their fractional part, so over many epochs E[m_c] = total·π_c exactly.
+    Floors, then the leftover units by systematic sampling over the fractional parts (in a
+    random class order): class c gets one more with probability exactly its fractional part, so
+    over many epochs E[m_c] = total·π_c.
     """
     exact = total * probs  # (C,)
     base = np.floor(exact).astype(np.int64)
-    left = int(total - base.sum())
+    left = int(round(total - base.sum()))
     if left > 0:
-        frac = exact - base
-        extra = rng.choice(len(probs), size=left, replace=False, p=frac / frac.sum())
-        base[extra] += 1
+        order = rng.permutation(len(probs))
+        edges = np.cumsum((exact - base)[order])  # ends at `left`; each interval is shorter than 1
+        hits = np.searchsorted(edges, rng.random() + np.arange(left), side="right")
+        base[order[np.minimum(hits, len(order) - 1)]] += 1
     return base
 
 

@@ -137,7 +137,8 @@ def restore_state(state: TrainState, ckpt: dict) -> None:
     torch.set_rng_state(ckpt["rng"]["torch_cpu"])
     state.generator.set_state(ckpt["rng"]["generator"])
     if "torch_cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["torch_cuda"])
+        for device, rng_state in enumerate(ckpt["rng"]["torch_cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng_state, device)
 
 
 def hparams_dict(hp: TrainHParams) -> dict:

@@ -80,6 +80,9 @@ def run_key(cfg: Config, data: DatasetArtifact, method: str) -> str:
     sections = {"cbdm": "cbdm" in spec.regularisers, "oc": spec.oc_mode is not None,
                 "diffrop": "diffrop" in spec.regularisers, "reweight": spec.reweight}
     payload.update({name: dataclasses.asdict(getattr(cfg, name)) for name, used in sections.items() if used})
+    init = init_weights_path(cfg, method) if cfg.train.init_from else None
+    if init:  # fine-tuning from other weights: which weights, by content stamp
+        payload["init_weights"] = [init, os.path.getsize(init), os.path.getmtime(init)]
     return stable_hash(payload)
 
 
@@ -124,12 +127,6 @@ def run_train(cfg: Config, data: DatasetArtifact) -> dict[str, ModelArtifact]:
 
 
 def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifact:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.resample import resampled_stream
-    from pipeline.train_loop import train_loop_per_worker
-
     spec = get_method(method)
     out = (cfg.run_dir / "train" / method).resolve()
     key = run_key(cfg, data, method)
@@ -143,6 +140,49 @@ def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifa
     out.mkdir(parents=True, exist_ok=True)
     storage = (cfg.run_dir / "train" / "ray").resolve()
     name = f"{method.replace('+', '-')}-{key}"
+    per_worker = cfg.train.batch_size // cfg.train.num_workers
+    rcfg = dataclasses.replace(method_resample(cfg, method), batch_size=per_worker)
+    if spec.oc_mode:
+        plot_transfer_curve(cfg, data, rcfg, out)
+    init_weights = init_weights_path(cfg, method)
+    started = time.perf_counter()
+    # Ray Train's own retries would restart workers on a stream whose epoch was fixed when the
+    # run began; retrying here rebuilds the stream at the checkpoint's epoch every time.
+    for attempt in range(cfg.train.max_failures + 1):
+        result = _fit_once(cfg, data, method, rcfg, storage, name, out, init_weights)
+        if result.error is None:
+            break
+        if "NonFiniteLossError" in str(result.error) or attempt == cfg.train.max_failures:
+            raise TaildiffError(_failure_message(method, result.error, storage / name))
+        log.warning("train[%s]: attempt %d failed (%s); resuming from the last checkpoint", method, attempt + 1,
+                    str(result.error).strip().splitlines()[-1][:200])
+    metrics = dict(result.return_value or {})
+    if not metrics:
+        raise TaildiffError(f"training {method} returned no metrics; see the Ray logs under {storage / name}")
+    metrics["fit_seconds"] = round(time.perf_counter() - started, 2)
+    _export_model(result.checkpoint, out)
+    plot_loss_curve(out / "loss.csv", out / "loss.png", title=f"{cfg.name}: {method}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    manifest = {"method": method, "run_key": key, "ray_run": str(storage / name), "metrics": metrics,
+                "dataset": str(data.path), "init_from": init_weights, "resample": rcfg.mode,
+                "config": cfg.to_dict()}
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)  # last: marks the stage finished
+    log.info("train[%s]: %d steps, final loss %.4f, %.1f img/s", method, metrics["step"], metrics.get("loss", float("nan")),
+             metrics.get("images_per_second", float("nan")))
+    return ModelArtifact(method, out, metrics, skipped=False)
+
+
+def _fit_once(cfg: Config, data: DatasetArtifact, method: str, rcfg, storage: Path, name: str, out: Path,
+              init_weights: str | None):
+    """One TorchTrainer.fit(), resuming from the run's latest checkpoint if it has one."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.resample import resampled_stream
+    from pipeline.train_loop import train_loop_per_worker
+
     progress = latest_progress(storage / name)
     start_epoch = progress["epoch"] if progress else 0
     if progress and progress["step"] > cfg.train.steps:
@@ -151,16 +191,13 @@ def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifa
             f"{cfg.train.steps}: raise train.steps, or pick another run name (--set name=...)")
     if progress:
         log.info("train[%s]: resuming from step %d (epoch %d)", method, progress["step"], start_epoch)
-
-    per_worker = cfg.train.batch_size // cfg.train.num_workers
-    rcfg = dataclasses.replace(method_resample(cfg, method), batch_size=per_worker)
-    if spec.oc_mode:
-        plot_transfer_curve(cfg, data, rcfg, out)
     stream = resampled_stream(data.split_dir("train"), data.image_shape, rcfg,
                               seed=derive_seed(cfg.seed, "resample", method), start_epoch=start_epoch,
                               num_classes=data.num_classes)
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the plan's order: reproducible batches, exact mid-epoch resume
     loop_config = {"config": cfg.to_dict(), "method": method, "manifest": data.manifest, "out_dir": str(out),
-                   "start_epoch": start_epoch, "init_weights": init_weights_path(cfg, method)}
+                   "start_epoch": start_epoch, "init_weights": init_weights}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -170,30 +207,19 @@ def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifa
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=0)),
         datasets={"train": stream},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
-    started = time.perf_counter()
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        raise TaildiffError(_failure_message(method, exc, storage / name)) from None
-    metrics = dict(result.return_value or {})
-    if not metrics:
-        raise TaildiffError(f"training {method} returned no metrics; see the Ray logs under {storage / name}")
-    metrics["fit_seconds"] = round(time.perf_counter() - started, 2)
-    _export_model(result.checkpoint, out)
-    plot_loss_curve(out / "loss.csv", out / "loss.png", title=f"{cfg.name}: {method}")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    manifest = {"method": method, "run_key": key, "ray_run": str(storage / name), "metrics": metrics,
-                "dataset": str(data.path), "init_from": loop_config["init_weights"], "resample": rcfg.mode,
-                "config": cfg.to_dict()}
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)  # last: marks the stage finished
-    log.info("train[%s]: %d steps, final loss %.4f, %.1f img/s", method, metrics["step"], metrics["loss"],
-             metrics.get("images_per_second", float("nan")))
-    return ModelArtifact(method, out, metrics, skipped=False)
+        return _Failed(exc)
+
+
+@dataclass
+class _Failed:
+    error: Exception
 
 
 def _failure_message(method: str, exc: Exception, where: Path) -> str:

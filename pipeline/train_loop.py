@@ -84,9 +84,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             blob = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
             progress = json.loads((Path(ckpt_dir) / "progress.json").read_text())
         restore_state(state, blob)
-        if rank != 0:  # the checkpoint holds rank 0's generator; other ranks re-derive theirs
+        if rank != 0:  # the checkpoint holds rank 0's RNG; other ranks re-derive theirs
             state.generator.manual_seed(derive_seed(cfg.seed, "train", method, rank, state.step))
+            torch.manual_seed(derive_seed(cfg.seed, "torch", method, rank, state.step))
         epoch, skip = progress["epoch"], progress["batches_in_epoch"]
+        if state.step >= cfg.train.steps:  # finished before; only the export was missing
+            return {"step": state.step, "epoch": epoch, **progress.get("metrics", {})}
     elif loop_config.get("init_weights"):  # fine-tuning: start from another model's EMA weights
         weights = torch.load(loop_config["init_weights"], map_location="cpu", weights_only=True)["ema"]
         state.net.load_state_dict(weights)
@@ -107,7 +110,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             waited += time.perf_counter() - fetch_start
             batches_in_epoch += 1
             if skip:  # resuming mid-epoch: these batches were trained on before the checkpoint
+                if int(batch["epoch"][0]) != epoch:
+                    raise RuntimeError(f"the data stream is at epoch {int(batch['epoch'][0])} but the checkpoint "
+                                       f"at epoch {epoch}: the driver must build the stream from the checkpoint")
                 skip -= 1
+                window_start = fetch_start = time.perf_counter()
+                waited = 0.0
                 continue
             epoch = int(batch["epoch"][0])
             images = batch["image"].to(device, non_blocking=True)
@@ -133,7 +141,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if state.step % cfg.train.checkpoint_every == 0 or done:
                 if not metrics or metrics.get("step") != state.step:
                     metrics = {"step": state.step, "epoch": epoch}
-                progress = {"step": state.step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}
+                progress = {"step": state.step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
                 _save_checkpoint(state, progress, run_config, metrics, rank)
             if done:
                 break

@@ -332,3 +332,22 @@ def test_unconditional_oc_gates_on_the_data_labels():
         assert (counts[y_true[z]] >= counts[y_true]).all()
         moved += int(out["oc_moved"].sum())
     assert moved > 0
+
+
+def test_oc_selection_stays_fp32_under_bf16_autocast():
+    x0, t, noise = batch(B=8, D=16)
+    t = torch.full((8,), 500)
+    x_t = SCHEDULE.q_sample(x0, t, noise)
+    plain = selection_logits(x0, x_t, t, SCHEDULE.alpha_bar)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = selection_logits(x0, x_t, t, SCHEDULE.alpha_bar)
+    assert under.dtype == torch.float32 and torch.allclose(plain, under)
+
+
+def test_diffrop_label_dropped_samples_form_no_pairs():
+    t = torch.zeros(3, dtype=torch.long)
+    noise = torch.zeros(3, 1)
+    mean = torch.tensor([[0.0], [1.0], [3.0]])
+    term = diffrop_term(mean, torch.tensor([0, 1, 2]), t, noise, T=1000, form="neg_l2", tau0=1.0,
+                        valid=torch.tensor([True, True, False]))
+    assert term[2] == 0 and term[0].item() == pytest.approx(-1.0) and term[1].item() == pytest.approx(-1.0)

@@ -1,0 +1,61 @@
+"""Evaluation arithmetic: group splits, PRD, Fréchet distance, memorisation — on constructed cases."""
+import numpy as np
+import pytest
+
+from models.longtail import long_tailed_counts
+from models.metrics import class_groups, frechet_distance, memorization_rate, memorization_threshold
+from models.prd import max_f_beta_pair, prd_curve, prd_from_features
+
+
+def test_thirds_groups_for_cifar10_and_cifar100():
+    g10 = class_groups(long_tailed_counts(5000, 10, "exp", 0.01), "thirds")
+    assert (g10["many"], g10["medium"], g10["few"]) == ([0, 1, 2], [3, 4, 5, 6], [7, 8, 9])
+    g100 = class_groups(long_tailed_counts(500, 100, "exp", 0.01), "thirds")
+    assert [len(g100[k]) for k in ("many", "medium", "few")] == [33, 34, 33]
+    shifted = class_groups([5, 500, 50], "thirds")  # sorted by count, not by label
+    assert shifted == {"many": [1], "medium": [2], "few": [0]}
+
+
+def test_absolute_groups():
+    g = class_groups([5000, 101, 100, 20, 19, 3], "absolute")
+    assert g == {"many": [0, 1], "medium": [2, 3], "few": [4, 5]}
+
+
+def test_prd_curve_by_hand():
+    # P = (0.5, 0.5), Q = (1, 0): precision(λ) = min(λ/2, 1) + min(λ/2, 0)
+    p, r = prd_curve(np.array([1.0, 0.0]), np.array([0.5, 0.5]), num_angles=5)
+    slopes = np.tan(np.linspace(1e-10, np.pi / 2 - 1e-10, 5))
+    assert np.allclose(p, np.clip(np.minimum(slopes / 2, 1), 0, 1))
+    assert np.allclose(r, np.clip(p / slopes, 0, 1))
+
+
+def test_prd_identical_and_disjoint_distributions():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(600, 4))
+    same = prd_from_features(a[:300], a[300:], num_clusters=10, num_runs=3)
+    f8, f18 = max_f_beta_pair(*same)
+    assert f8 > 0.9 and f18 > 0.9
+    far = prd_from_features(a[:300], a[300:] + 50.0, num_clusters=10, num_runs=3)
+    f8, f18 = max_f_beta_pair(*far)
+    assert f8 < 0.05 and f18 < 0.05
+
+
+def test_frechet_distance_is_zero_on_itself_and_grows_with_noise():
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(2000, 8))
+    assert frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    values = [frechet_distance(feats, feats + rng.normal(scale=s, size=feats.shape)) for s in (0.1, 0.5, 1.0, 2.0)]
+    assert values == sorted(values) and values[0] > 0
+    # two Gaussians with known means and equal covariance: FID = ‖μ1 − μ2‖² (+ sampling error)
+    shifted = rng.normal(size=(20000, 2)) + np.array([3.0, 4.0])
+    assert frechet_distance(rng.normal(size=(20000, 2)), shifted) == pytest.approx(25.0, rel=0.02)
+
+
+def test_memorization_is_one_for_copies_and_near_zero_for_heldout():
+    rng = np.random.default_rng(2)
+    train, heldout, fresh = rng.normal(size=(500, 16)), rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    threshold = memorization_threshold(heldout, train, quantile=0.01)
+    copies = train[rng.integers(0, 500, 200)]
+    rate, dist, idx = memorization_rate(copies, train, threshold)
+    assert rate == 1.0 and np.allclose(dist, 0, atol=1e-3) and np.array_equal(train[idx], copies)
+    assert memorization_rate(fresh, train, threshold)[0] < 0.05
