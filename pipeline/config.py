@@ -24,10 +24,11 @@ from models.resampling import MODES
 from models.sampling import SAMPLERS
 from models.schedule import SCHEDULES
 from models.unet import COND_DROP_MODES, PRESETS as MODEL_PRESETS
+from pipeline.config_methods import CBDMConfig, DiffROPConfig, OCConfig, ReweightConfig
 from pipeline.errors import ConfigError
 from pipeline.sources import SOURCES
 
-STAGES = ("data", "train", "sample")
+STAGES = ("data", "train", "sample", "evaluate")
 SAMPLE_PLANS = ("balanced", "fill", "counts")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "fmnist_lt.yaml"
@@ -102,42 +103,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class CBDMConfig:
-    """CBDM (models/cbdm.py): w_t = tau·t/T; label_set train | balanced | sqrt; |𝒴| = num_labels."""
-
-    tau: float = 1.0
-    gamma: float = 0.25
-    label_set: str = "train"
-    num_labels: int = 1
-    batched: bool = True  # the y and y′ forwards as one batch
-
-
-@dataclass(frozen=True)
-class OCConfig:
-    """OC target transfer (models/oc.py); the mode comes from the method name (t2h/h2t/oc_full)."""
-
-    beta: float = 0.0  # q(y)^β-weighted selection, Eq. 7
-    cutoff: int = 1000  # transfer only for t < cutoff
-    batch_resample: bool = False  # class-balanced batches (resample.mode=balanced_batch) for OC methods
-
-
-@dataclass(frozen=True)
-class DiffROPConfig:
-    """DiffROP (models/diffrop.py): form neg_l2 | hinge | reciprocal | exponential."""
-
-    form: str = "reciprocal"
-    tau0: float = 0.01
-    temperature: float = 1.0
-    margin: float = 1.0
-    group_size: int = 8
-
-
-@dataclass(frozen=True)
-class ReweightConfig:
-    power: float = 1.0  # loss weight ∝ n_c^−power
-
-
-@dataclass(frozen=True)
 class SampleConfig:
     """Generation on a Ray Data actor pool from the EMA weights."""
 
@@ -157,6 +122,23 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation stage: metrics through torch-fidelity on a named feature extractor."""
+
+    extractor: str = "domain"  # domain (trained here on the balanced set) | inception (TF-ported weights)
+    weights_path: Optional[str] = None  # inception: local weights (None = torch-fidelity's download)
+    domain_epochs: int = 3
+    kid_subset_size: int = 1000
+    prc_neighborhood: int = 5  # k of improved precision/recall (Kynkäänniemi et al.)
+    prd_runs: int = 10
+    prd_clusters_per_class: int = 20
+    memorization_quantile: float = 0.01  # held-out real images flagged at this rate
+    min_per_class: int = 2  # fewer generated images of a class: its FID is n/a
+    many_above: int = 100  # the absolute group convention
+    few_below: int = 20
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run. `pipeline/run.py` resolves it, writes it as JSON, then chains the stages."""
 
@@ -173,6 +155,7 @@ class Config:
     oc: OCConfig = field(default_factory=OCConfig)
     diffrop: DiffROPConfig = field(default_factory=DiffROPConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -382,6 +365,11 @@ def _validate_model_train_sample(cfg: Config) -> None:
         raise ConfigError(f"sample.steps={s.steps} must be in [1, model.timesteps={m.timesteps}]")
     if s.batch_size < 1 or s.num_actors < 1 or s.per_class < 0 or s.omega < 0:
         raise ConfigError("sample.batch_size and sample.num_actors must be positive, per_class and omega >= 0")
+    e = cfg.evaluate
+    if e.extractor not in ("domain", "inception"):
+        raise ConfigError(f"unknown evaluate.extractor {e.extractor!r}: use domain or inception")
+    if not 0.0 < e.memorization_quantile < 1.0 or e.min_per_class < 2 or e.kid_subset_size < 2:
+        raise ConfigError("evaluate.memorization_quantile must be in (0, 1), min_per_class and kid_subset_size >= 2")
 
 
 def method_options(cfg: Config) -> MethodOptions:

@@ -76,14 +76,18 @@ def run(cfg: Config) -> dict:
     run_dir = write_run_config(cfg)  # before any work, so a failed run still says what it was
     init_ray()
     outputs: dict = {"data": run_data(cfg)}
-    if "train" in cfg.stages or "sample" in cfg.stages:
+    if {"train", "sample", "evaluate"} & set(cfg.stages):
         from pipeline.train import run_train
 
         outputs["train"] = run_train(cfg, outputs["data"])
-    if "sample" in cfg.stages:
+    if {"sample", "evaluate"} & set(cfg.stages):
         from pipeline.sample import run_sample
 
         outputs["sample"] = run_sample(cfg, outputs["data"], outputs["train"])
+    if "evaluate" in cfg.stages:
+        from pipeline.evaluate import run_evaluate
+
+        outputs["evaluate"] = run_evaluate(cfg, outputs["data"], outputs["sample"])
     summary = {"run_dir": str(run_dir), "dataset_dir": str(outputs["data"].path),
                "data_reused": outputs["data"].skipped}
     for method, art in outputs.get("train", {}).items():
@@ -92,6 +96,9 @@ def run(cfg: Config) -> dict:
     for method, art in outputs.get("sample", {}).items():
         summary.setdefault("samples", {})[method] = {"path": str(art.path), "reused": art.skipped,
                                                      "images": art.num_images}
+    for method, art in outputs.get("evaluate", {}).items():
+        summary.setdefault("evaluation", {})[method] = {"path": str(art.path), "reused": art.skipped,
+                                                        "fid": art.metrics["fid"]}
     tmp = run_dir / "stages.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, run_dir / "stages.json")

@@ -115,7 +115,7 @@ def sample_method(cfg: Config, data: DatasetArtifact, model: ModelArtifact) -> S
     import pyarrow.parquet as pq
     import ray
 
-    from pipeline.shards import _tensor_array
+    from pipeline.shards import tensor_array
 
     s = cfg.sample
     counts = plan_counts(cfg, data.manifest)
@@ -147,7 +147,7 @@ def sample_method(cfg: Config, data: DatasetArtifact, model: ModelArtifact) -> S
             )
             done, shard = 0, 0
             for batch in images.iter_batches(batch_size=None, batch_format="numpy"):
-                table = pa.table({"image": _tensor_array(batch["image"]), "label": pa.array(batch["label"]),
+                table = pa.table({"image": tensor_array(batch["image"]), "label": pa.array(batch["label"]),
                                   "k": pa.array(batch["k"]), "seed": pa.array(batch["seed"])})
                 pq.write_table(table, tmp / "images" / f"part-{shard:05d}.parquet")
                 shard, done = shard + 1, done + len(batch["label"])
@@ -186,7 +186,7 @@ def write_grid(images_dir: Path, manifest: dict, out: Path, per_class: int, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.shards import _column_to_numpy
+    from pipeline.shards import column_to_numpy
 
     files = sorted(images_dir.glob("*.parquet"))
     if not files or per_class <= 0:
@@ -195,7 +195,7 @@ def write_grid(images_dir: Path, manifest: dict, out: Path, per_class: int, titl
     import pyarrow.parquet as pq
 
     table = pa.concat_tables([pq.read_table(f) for f in files])
-    images = _column_to_numpy(table.column("image"), tuple(manifest["image_shape"]))
+    images = column_to_numpy(table.column("image"), tuple(manifest["image_shape"]))
     labels, ks = table.column("label").to_numpy(), table.column("k").to_numpy()
     names = manifest["class_names"]
     H, W, C = manifest["image_shape"]

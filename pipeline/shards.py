@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import DataError
 
 
-def _tensor_array(images: np.ndarray) -> pa.Array:
+def tensor_array(images: np.ndarray) -> pa.Array:
     from ray.data.extensions import ArrowTensorArray
 
     return ArrowTensorArray.from_numpy(np.ascontiguousarray(images))
@@ -42,7 +42,7 @@ def write_split(path: Path, images: np.ndarray, labels: np.ndarray, index: np.nd
     for start in range(0, max(n, 1), shard_rows):
         stop = min(start + shard_rows, n)
         tables.append(pa.table({
-            "image": _tensor_array(images[start:stop]),
+            "image": tensor_array(images[start:stop]),
             "label": pa.array(labels[start:stop], pa.int64()),
             "index": pa.array(index[start:stop], pa.int64()),
             "row": pa.array(np.arange(start, stop), pa.int64()),
@@ -55,7 +55,7 @@ def write_split(path: Path, images: np.ndarray, labels: np.ndarray, index: np.nd
     return sorted(os.path.basename(f) for f in glob.glob(str(path / "*.parquet")))
 
 
-def _column_to_numpy(column: pa.ChunkedArray, image_shape: tuple[int, ...]) -> np.ndarray:
+def column_to_numpy(column: pa.ChunkedArray, image_shape: tuple[int, ...]) -> np.ndarray:
     chunks = []
     for chunk in column.chunks:
         if isinstance(chunk, pa.ExtensionArray):
@@ -75,7 +75,7 @@ def read_split(path: Path, image_shape: tuple[int, ...], num_classes: int | None
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"cannot read shards in {path} ({exc}): delete the folder and rerun the data stage") from None
     out = {
-        "image": _column_to_numpy(table.column("image"), image_shape),  # (N, H, W, C)
+        "image": column_to_numpy(table.column("image"), image_shape),  # (N, H, W, C)
         "label": table.column("label").to_numpy().astype(np.int64),
         "index": table.column("index").to_numpy().astype(np.int64),
         "row": table.column("row").to_numpy().astype(np.int64),

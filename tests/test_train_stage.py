@@ -13,7 +13,7 @@ from pipeline.config import load_config
 from pipeline.data import run_data
 from pipeline.errors import TaildiffError
 from pipeline.sample import plan_counts, run_sample
-from pipeline.shards import _column_to_numpy
+from pipeline.shards import column_to_numpy
 from pipeline.train import latest_progress, load_model, make_schedule, run_train
 
 TINY = ["model.image_size=8", "train.batch_size=16", "train.num_workers=2", "train.cpus_per_worker=0.5",
@@ -64,7 +64,7 @@ def test_sampling_stage_writes_reproducible_images(ray_session, workdir):
     import pyarrow.parquet as pq
 
     table = pa.concat_tables([pq.read_table(f) for f in sorted(out.images_dir.glob("*.parquet"))])
-    images = _column_to_numpy(table.column("image"), (8, 8, 1))
+    images = column_to_numpy(table.column("image"), (8, 8, 1))
     labels, seeds = table.column("label").to_numpy(), table.column("seed").to_numpy()
     assert sorted(np.bincount(labels).tolist()) == [2] * 10 and len(set(seeds.tolist())) == 20
     # any image is reproduced from its own seed alone, outside the actor pool and at batch size 1

@@ -1,0 +1,88 @@
+"""The evaluate stage on a tiny trained digits model: metrics, caches, table, plots, bad input."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from pipeline.config import load_config
+from pipeline.data import run_data
+from pipeline.errors import DataError, TaildiffError
+from pipeline.evaluate import run_evaluate
+from pipeline.sample import run_sample
+from pipeline.shards import tensor_array
+from pipeline.train import run_train
+
+SETTINGS = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train.log_every=3",
+            "train.checkpoint_every=3", "train.bf16=false", "sample.per_class=6", "sample.steps=4",
+            "sample.batch_size=30", "sample.bf16=false", "evaluate.domain_epochs=4", "evaluate.kid_subset_size=20",
+            "evaluate.prd_runs=2", "evaluate.prd_clusters_per_class=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluate")
+    cfg = load_config(REPO / "configs" / "digits_lt.yaml", [f"output_dir={out}", *SETTINGS])
+    data = run_data(cfg)
+    samples = run_sample(cfg, data, run_train(cfg, data))
+    return cfg, data, samples
+
+
+def test_evaluation_writes_metrics_table_and_plots(tiny_run):
+    cfg, data, samples = tiny_run
+    result = run_evaluate(cfg, data, samples)["ddpm"]
+    m = result.metrics
+    for key in ("fid", "kernel_inception_distance_mean", "precision", "recall", "inception_score_mean", "prd_f8",
+                "prd_f1_8", "fid_thirds_few", "fid_absolute_many"):
+        assert key in m
+    assert m["extractor"]["extractor"] == "domain" and m["extractor"]["test_accuracy"] > 0.8
+    assert len(m["per_class_fid"]) == 10 and m["per_class_samples"] == [6] * 10
+    assert 0.0 <= m["memorization"]["all"] <= 1.0 and m["fid"] > 0
+    table = (cfg.run_dir / "evaluation" / "table.md").read_text()
+    assert "| ddpm |" in table and "domain" in table
+    for png in ("per_class_fid.png", "memorization.png"):
+        assert (result.path / png).stat().st_size > 0
+    again = run_evaluate(cfg, data, samples)["ddpm"]
+    assert again.skipped and again.metrics["fid"] == m["fid"]
+    caches = list((cfg.run_dir.parent.parent / "extractors" / data.path.name).glob("features-domain-*.npz"))
+    assert len(caches) == 1
+
+
+def test_real_images_score_as_real(tiny_run):
+    """The same code on real held-out images: low FID, and no memorisation beyond the calibration rate."""
+    cfg, data, samples = tiny_run
+    from pipeline.evaluate import Extractor, evaluate_features, real_features
+
+    ext = Extractor(cfg, data)
+    real = real_features(ext, cfg, data)
+    m = evaluate_features(real["test_feats"], real["test_logits"], real["test_labels"], real,
+                          data.manifest["class_counts"], cfg)
+    assert m["memorization"]["all"] <= 0.05 and m["precision"] > 0.6
+    copies = real["train_feats"][:200]
+    m_copy = evaluate_features(copies, real["train_logits"][:200], real["train_labels"][:200], real,
+                               data.manifest["class_counts"], cfg)
+    assert m_copy["memorization"]["all"] == 1.0
+
+
+def test_bad_samples_and_weights(tiny_run, tmp_path):
+    cfg, data, samples = tiny_run
+    art = samples["ddpm"]
+    bad = art.images_dir / "part-99999.parquet"
+    pq.write_table(pa.table({"image": tensor_array(np.zeros((2, 9, 9, 1), np.uint8)), "label": [0, 1], "k": [0, 1],
+                             "seed": [1, 2]}), bad)
+    try:
+        cfg_other = load_config(REPO / "configs" / "digits_lt.yaml",
+                                [f"output_dir={cfg.output_dir}", *SETTINGS, "evaluate.prd_runs=3"])
+        with pytest.raises(DataError, match="values per image"):
+            run_evaluate(cfg_other, data, samples)
+    finally:
+        bad.unlink()
+    junk = tmp_path / "inception.pt"
+    junk.write_bytes(b"not a checkpoint")
+    cfg_inc = load_config(REPO / "configs" / "digits_lt.yaml", [f"output_dir={cfg.output_dir}", *SETTINGS,
+                                                                 "evaluate.extractor=inception",
+                                                                 f"evaluate.weights_path={junk}"])
+    with pytest.raises(TaildiffError, match="cannot load the inception feature extractor"):
+        run_evaluate(cfg_inc, data, samples)
