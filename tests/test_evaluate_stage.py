@@ -86,3 +86,26 @@ def test_bad_samples_and_weights(tiny_run, tmp_path):
                                                                  f"evaluate.weights_path={junk}"])
     with pytest.raises(TaildiffError, match="cannot load the inception feature extractor"):
         run_evaluate(cfg_inc, data, samples)
+
+
+def test_inception_extractor_on_a_fresh_weights_file(tiny_run, tmp_path):
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from pipeline.evaluate import Extractor
+
+    class Fresh(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None
+
+    torch.save({}, tmp_path / "empty.pt")
+    weights = tmp_path / "inception.pt"
+    torch.save(Fresh("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pt"))
+               .state_dict(), weights)
+    cfg, data, _ = tiny_run
+    cfg_inc = load_config(REPO / "configs" / "digits_lt.yaml", [f"output_dir={cfg.output_dir}", *SETTINGS,
+                                                                 "evaluate.extractor=inception",
+                                                                 f"evaluate.weights_path={weights}"])
+    ext = Extractor(cfg_inc, data)
+    feats, logits = ext(np.zeros((3, 8, 8, 1), np.uint8))  # grey images are replicated to RGB
+    assert feats.shape == (3, 2048) and logits.shape[0] == 3 and ext.key.startswith("inception-")

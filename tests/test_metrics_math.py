@@ -59,3 +59,23 @@ def test_memorization_is_one_for_copies_and_near_zero_for_heldout():
     rate, dist, idx = memorization_rate(copies, train, threshold)
     assert rate == 1.0 and np.allclose(dist, 0, atol=1e-3) and np.array_equal(train[idx], copies)
     assert memorization_rate(fresh, train, threshold)[0] < 0.05
+
+
+def test_kid_and_precision_recall_through_torch_fidelity_on_constructed_sets():
+    import torch
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    rng = np.random.default_rng(3)
+    a = torch.from_numpy(rng.normal(size=(400, 6)))
+    b = torch.from_numpy(rng.normal(size=(400, 6)))
+    kw = dict(kid_subsets=50, kid_subset_size=200, verbose=False, rng_seed=0, kid_kernel="poly", kid_degree=3,
+              kid_gamma=None, kid_coef0=1)
+    same = kid_features_to_metric(a, b, **kw)["kernel_inception_distance_mean"]
+    shifted = kid_features_to_metric(a, b + 1.0, **kw)["kernel_inception_distance_mean"]
+    assert abs(same) < 0.02 and shifted > 10 * max(abs(same), 1e-3)
+    # generated = a subset of a tight cluster inside the real spread: precision 1, recall < 1
+    real = torch.from_numpy(rng.normal(size=(500, 2))).float()
+    gen = real[real.norm(dim=1) < 0.5][:100]
+    pr = prc_features_to_metric(gen, real, prc_neighborhood=5, prc_batch_size=1000, save_cpu_ram=True, verbose=False)
+    assert pr["precision"] == 1.0 and pr["recall"] < 0.5
