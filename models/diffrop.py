@@ -17,8 +17,6 @@ form no pairs: their μ_θ carries no class to separate.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 FORMS = ("neg_l2", "hinge", "reciprocal", "exponential")
@@ -74,6 +72,3 @@ def diffrop_term(mean: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: to
     per_sample = f.sum(1) / partners.clamp(min=1)
     return tau_of_t(t, T, tau0, temperature) * per_sample * (partners > 0)
 
-
-def describe(form: str, tau0: float, temperature: float) -> str:
-    return f"DiffROP {form}, τ(t) = {tau0:g}·exp(−t/(T·{temperature:g})), τ(T) = {tau0 * math.exp(-1 / temperature):.3g}"
