@@ -24,11 +24,12 @@ from models.resampling import MODES
 from models.sampling import SAMPLERS
 from models.schedule import SCHEDULES
 from models.unet import COND_DROP_MODES, PRESETS as MODEL_PRESETS
+from pipeline.config_classify import ClassifyConfig, validate_classify
 from pipeline.config_methods import CBDMConfig, DiffROPConfig, OCConfig, ReweightConfig
 from pipeline.errors import ConfigError
 from pipeline.sources import SOURCES
 
-STAGES = ("data", "train", "sample", "evaluate")
+STAGES = ("data", "train", "sample", "evaluate", "classify", "report")
 SAMPLE_PLANS = ("balanced", "fill", "counts")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "fmnist_lt.yaml"
@@ -100,6 +101,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 1
     init_from: Optional[str] = None  # fine-tune: a method of this run (e.g. ddpm) or a model.pt path
+    finetune_steps: Optional[int] = None  # steps of the methods initialised from init_from (None = steps)
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class Config:
     diffrop: DiffROPConfig = field(default_factory=DiffROPConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -318,6 +321,7 @@ def validate(cfg: Config) -> None:
     if r.batch_size < 1 or (r.epoch_size is not None and r.epoch_size < 1):
         raise ConfigError("resample.batch_size and resample.epoch_size must be positive")
     _validate_model_train_sample(cfg)
+    validate_classify(cfg.classify, cfg.train.methods)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
@@ -365,6 +369,8 @@ def _validate_model_train_sample(cfg: Config) -> None:
         raise ConfigError(f"sample.steps={s.steps} must be in [1, model.timesteps={m.timesteps}]")
     if s.batch_size < 1 or s.num_actors < 1 or s.per_class < 0 or s.omega < 0:
         raise ConfigError("sample.batch_size and sample.num_actors must be positive, per_class and omega >= 0")
+    if t.finetune_steps is not None and t.finetune_steps < 1:
+        raise ConfigError(f"train.finetune_steps={t.finetune_steps} must be positive (or null for train.steps)")
     e = cfg.evaluate
     if e.extractor not in ("domain", "inception"):
         raise ConfigError(f"unknown evaluate.extractor {e.extractor!r}: use domain or inception")

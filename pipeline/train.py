@@ -71,11 +71,13 @@ def make_schedule(cfg: Config) -> NoiseSchedule:
 def run_key(cfg: Config, data: DatasetArtifact, method: str) -> str:
     """Hash of everything that shapes a method's weights but the step count (and not logging or
     checkpoint cadence): raising train.steps continues the same Ray Train run from its checkpoint."""
-    train = dataclasses.replace(cfg.train, methods=(method,), steps=0, log_every=0, checkpoint_every=0,
-                                keep_checkpoints=0, max_failures=0)
+    train = dataclasses.asdict(dataclasses.replace(
+        cfg.train, methods=(method,), steps=0, log_every=0, checkpoint_every=0, keep_checkpoints=0, max_failures=0,
+        init_from=None))  # the init weights enter below, by content
+    train.pop("finetune_steps")  # a step count, like steps
     spec = get_method(method)
     payload = {"data": data.manifest["config_hash"], "resample": dataclasses.asdict(method_resample(cfg, method)),
-               "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(train), "seed": cfg.seed,
+               "model": dataclasses.asdict(cfg.model), "train": train, "seed": cfg.seed,
                "method": method}
     sections = {"cbdm": "cbdm" in spec.regularisers, "oc": spec.oc_mode is not None,
                 "diffrop": "diffrop" in spec.regularisers, "reweight": spec.reweight}
@@ -84,6 +86,13 @@ def run_key(cfg: Config, data: DatasetArtifact, method: str) -> str:
     if init:  # fine-tuning from other weights: which weights, by content stamp
         payload["init_weights"] = [init, os.path.getsize(init), os.path.getmtime(init)]
     return stable_hash(payload)
+
+
+def method_steps(cfg: Config, method: str) -> int:
+    """train.finetune_steps for a method fine-tuned from train.init_from, else train.steps."""
+    if cfg.train.finetune_steps is not None and cfg.train.init_from and cfg.train.init_from != method:
+        return cfg.train.finetune_steps
+    return cfg.train.steps
 
 
 def method_resample(cfg: Config, method: str):
@@ -133,7 +142,7 @@ def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifa
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if (manifest.get("run_key") == key and manifest["metrics"].get("step") == cfg.train.steps
+        if (manifest.get("run_key") == key and manifest["metrics"].get("step") == method_steps(cfg, method)
                 and (out / "model.pt").is_file()):
             log.info("train[%s]: reusing %s (step %s)", method, out, manifest["metrics"].get("step"))
             return ModelArtifact(method, out, manifest["metrics"], skipped=True)
@@ -185,10 +194,11 @@ def _fit_once(cfg: Config, data: DatasetArtifact, method: str, rcfg, storage: Pa
 
     progress = latest_progress(storage / name)
     start_epoch = progress["epoch"] if progress else 0
-    if progress and progress["step"] > cfg.train.steps:
+    steps = method_steps(cfg, method)
+    if progress and progress["step"] > steps:
         raise TaildiffError(
-            f"{storage / name} already holds a checkpoint at step {progress['step']} > train.steps="
-            f"{cfg.train.steps}: raise train.steps, or pick another run name (--set name=...)")
+            f"{storage / name} already holds a checkpoint at step {progress['step']} > {steps} steps "
+            f"(train.steps / train.finetune_steps): raise it, or pick another run name (--set name=...)")
     if progress:
         log.info("train[%s]: resuming from step %d (epoch %d)", method, progress["step"], start_epoch)
     stream = resampled_stream(data.split_dir("train"), data.image_shape, rcfg,
@@ -196,8 +206,8 @@ def _fit_once(cfg: Config, data: DatasetArtifact, method: str, rcfg, storage: Pa
                               num_classes=data.num_classes)
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the plan's order: reproducible batches, exact mid-epoch resume
-    loop_config = {"config": cfg.to_dict(), "method": method, "manifest": data.manifest, "out_dir": str(out),
-                   "start_epoch": start_epoch, "init_weights": init_weights}
+    loop_config = {"config": cfg.to_dict(), "method": method, "steps": steps, "manifest": data.manifest,
+                   "out_dir": str(out), "start_epoch": start_epoch, "init_weights": init_weights}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

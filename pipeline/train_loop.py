@@ -88,7 +88,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             state.generator.manual_seed(derive_seed(cfg.seed, "train", method, rank, state.step))
             torch.manual_seed(derive_seed(cfg.seed, "torch", method, rank, state.step))
         epoch, skip = progress["epoch"], progress["batches_in_epoch"]
-        if state.step >= cfg.train.steps:  # finished before; only the export was missing
+        if state.step >= loop_config["steps"]:  # finished before; only the export was missing
             return {"step": state.step, "epoch": epoch, **progress.get("metrics", {})}
     elif loop_config.get("init_weights"):  # fine-tuning: start from another model's EMA weights
         weights = torch.load(loop_config["init_weights"], map_location="cpu", weights_only=True)["ema"]
@@ -97,7 +97,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if world > 1:
         state.net = ray.train.torch.prepare_model(state.net, move_to_device=False)
 
-    total, per_worker = cfg.train.steps, cfg.train.batch_size // world
+    total, per_worker = loop_config["steps"], cfg.train.batch_size // world
     size, hflip = cfg.model.image_size, cfg.train.hflip
     loss_log = LossLog(out_dir / "loss.csv", rank == 0, state.step)
     shard = ray.train.get_dataset_shard("train")
