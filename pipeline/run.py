@@ -107,6 +107,11 @@ def run(cfg: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "tune":  # python pipeline/run.py tune --space tune_spaces/<file> --config ...
+        from pipeline.tune import main as tune_main
+
+        return tune_main(argv[1:])
     args = parse_args(argv)
     try:
         cfg = resolve(args)
