@@ -135,7 +135,9 @@ def run_train(cfg: Config, data: DatasetArtifact) -> dict[str, ModelArtifact]:
     return {method: train_method(cfg, data, method) for method in cfg.train.methods}
 
 
-def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifact:
+def train_method(cfg: Config, data: DatasetArtifact, method: str, tune_hooks: dict | None = None) -> ModelArtifact:
+    """Train (or reuse) one method. `tune_hooks` (Tune sweeps only): {"proxy": the quick-FID settings
+    for the worker loop, "callbacks": Ray Train callbacks such as TuneReportCallback}."""
     spec = get_method(method)
     out = (cfg.run_dir / "train" / method).resolve()
     key = run_key(cfg, data, method)
@@ -158,7 +160,7 @@ def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifa
     # Ray Train's own retries would restart workers on a stream whose epoch was fixed when the
     # run began; retrying here rebuilds the stream at the checkpoint's epoch every time.
     for attempt in range(cfg.train.max_failures + 1):
-        result = _fit_once(cfg, data, method, rcfg, storage, name, out, init_weights)
+        result = _fit_once(cfg, data, method, rcfg, storage, name, out, init_weights, tune_hooks)
         if result.error is None:
             break
         if "NonFiniteLossError" in str(result.error) or attempt == cfg.train.max_failures:
@@ -184,7 +186,7 @@ def train_method(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifa
 
 
 def _fit_once(cfg: Config, data: DatasetArtifact, method: str, rcfg, storage: Path, name: str, out: Path,
-              init_weights: str | None):
+              init_weights: str | None, tune_hooks: dict | None = None):
     """One TorchTrainer.fit(), resuming from the run's latest checkpoint if it has one."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -208,6 +210,9 @@ def _fit_once(cfg: Config, data: DatasetArtifact, method: str, rcfg, storage: Pa
     ingest.preserve_order = True  # the plan's order: reproducible batches, exact mid-epoch resume
     loop_config = {"config": cfg.to_dict(), "method": method, "steps": steps, "manifest": data.manifest,
                    "out_dir": str(out), "start_epoch": start_epoch, "init_weights": init_weights}
+    hooks = tune_hooks or {}
+    if hooks.get("proxy"):
+        loop_config["proxy"] = hooks["proxy"]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -217,7 +222,7 @@ def _fit_once(cfg: Config, data: DatasetArtifact, method: str, rcfg, storage: Pa
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=0)),
+            failure_config=ray.train.FailureConfig(max_failures=0), callbacks=hooks.get("callbacks")),
         datasets={"train": stream},
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )

@@ -100,6 +100,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     total, per_worker = loop_config["steps"], cfg.train.batch_size // world
     size, hflip = cfg.model.image_size, cfg.train.hflip
     loss_log = LossLog(out_dir / "loss.csv", rank == 0, state.step)
+    proxy = None  # Tune sweeps only (pipeline/tune_proxy.py): a quick FID reported with each checkpoint
+    if loop_config.get("proxy") and rank == 0:
+        from pipeline.tune_proxy import ProxyFID
+
+        proxy = ProxyFID(loop_config["proxy"], cfg, manifest, out_dir)
     shard = ray.train.get_dataset_shard("train")
     sums: dict[str, torch.Tensor] = {}
     window, window_start, metrics, waited = 0, time.perf_counter(), {}, 0.0
@@ -141,6 +146,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if state.step % cfg.train.checkpoint_every == 0 or done:
                 if not metrics or metrics.get("step") != state.step:
                     metrics = {"step": state.step, "epoch": epoch}
+                if proxy is not None:
+                    metrics["fid"] = proxy(state.ema, state.step)
                 progress = {"step": state.step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
                 _save_checkpoint(state, progress, run_config, metrics, rank)
