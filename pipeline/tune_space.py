@@ -8,6 +8,7 @@ A space file:
   num_samples: 8            # random draws (each grid combination is repeated this often)
   scheduler: {type: asha, grace_period: 500, reduction_factor: 2}   # time in train steps
   proxy: {images: 200, steps: 10, omega: 1.0}                       # the per-checkpoint FID
+  images: 500               # sample sweeps: images per point
   space:
     cbdm.tau: {loguniform: [0.1, 10]}
     cbdm.label_set: {choice: [train, balanced, sqrt]}
@@ -30,7 +31,8 @@ from pipeline.errors import ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 KINDS = ("train", "sample")
-TOP_KEYS = ("method", "kind", "metric", "mode", "num_samples", "scheduler", "proxy", "space", "description")
+TOP_KEYS = ("method", "kind", "metric", "mode", "num_samples", "scheduler", "proxy", "images", "space",
+            "description")
 # which method piece a config section belongs to: a key of a section the method lacks is a no-op
 SECTION_NEEDS = {"cbdm": lambda s: "cbdm" in s.regularisers, "oc": lambda s: s.oc_mode is not None,
                  "diffrop": lambda s: "diffrop" in s.regularisers, "reweight": lambda s: s.reweight}
@@ -49,6 +51,7 @@ class SearchSpace:
     num_samples: int = 1
     scheduler: dict | None = None
     proxy: dict = field(default_factory=lambda: dict(PROXY_DEFAULTS))
+    images: int = 500  # sample sweeps: images per point (class-balanced)
 
     def grid_keys(self) -> list[str]:
         return [k for k, d in self.space.items() if _dist(d)[0] == "grid"]
@@ -93,7 +96,8 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
         raise ConfigError(f"{path}: proxy keys are {', '.join(PROXY_DEFAULTS)}")
     space = SearchSpace(name=path.stem, method=str(raw.get("method", "ddpm")), kind=kind, space=raw["space"],
                         metric=raw.get("metric", "fid"), mode=raw.get("mode", "min"),
-                        num_samples=int(raw.get("num_samples", 1)), scheduler=scheduler, proxy=proxy)
+                        num_samples=int(raw.get("num_samples", 1)), scheduler=scheduler, proxy=proxy,
+                        images=int(raw.get("images", 500)))
     validate_space(space, base, where=str(path))
     return space
 
@@ -121,7 +125,11 @@ def validate_space(space: SearchSpace, base: Config | None = None, where: str = 
             raise ConfigError(f"{where}: {key}: a training sweep shares one dataset and evaluation: "
                               "vary train/model/method keys only")
     base = base or _default_base()
-    for point in sample_points(space, max(space.num_samples, 3), seed=0):
+    points = sample_points(space, max(space.num_samples, 3), seed=0)
+    for key, spec in space.space.items():  # every listed value, not only the ones drawn
+        if _dist(spec)[0] in ("choice", "grid"):
+            points += [{**points[0], key: value} for value in _dist(spec)[1]]
+    for point in points:
         cfg = point_config(base, space, point)
         for method in cfg.train.methods:
             spec = get_method(method)
