@@ -76,18 +76,28 @@ def run(cfg: Config) -> dict:
     run_dir = write_run_config(cfg)  # before any work, so a failed run still says what it was
     init_ray()
     outputs: dict = {"data": run_data(cfg)}
-    if {"train", "sample", "evaluate"} & set(cfg.stages):
+    stages = set(cfg.stages)
+    needs_models = stages & {"train", "sample", "evaluate"} or ("classify" in stages and cfg.classify.synthetic != "none")
+    if needs_models:
         from pipeline.train import run_train
 
         outputs["train"] = run_train(cfg, outputs["data"])
-    if {"sample", "evaluate"} & set(cfg.stages):
+    if stages & {"sample", "evaluate"}:
         from pipeline.sample import run_sample
 
         outputs["sample"] = run_sample(cfg, outputs["data"], outputs["train"])
-    if "evaluate" in cfg.stages:
+    if "evaluate" in stages:
         from pipeline.evaluate import run_evaluate
 
         outputs["evaluate"] = run_evaluate(cfg, outputs["data"], outputs["sample"])
+    if "classify" in stages:
+        from pipeline.classify import run_classify
+
+        outputs["classify"] = run_classify(cfg, outputs["data"], outputs.get("train", {}))
+    if "report" in stages:
+        from pipeline.report import run_report
+
+        outputs["report"] = run_report(cfg, outputs)
     summary = {"run_dir": str(run_dir), "dataset_dir": str(outputs["data"].path),
                "data_reused": outputs["data"].skipped}
     for method, art in outputs.get("train", {}).items():
@@ -99,6 +109,12 @@ def run(cfg: Config) -> dict:
     for method, art in outputs.get("evaluate", {}).items():
         summary.setdefault("evaluation", {})[method] = {"path": str(art.path), "reused": art.skipped,
                                                         "fid": art.metrics["fid"]}
+    for arm, art in outputs.get("classify", {}).items():
+        summary.setdefault("classify", {})[arm] = {"path": str(art.path), "reused": art.skipped,
+                                                   "accuracy": art.metrics["last"]["accuracy"],
+                                                   "few_accuracy": art.metrics["last"]["few_accuracy"]}
+    if outputs.get("report"):
+        summary["report"] = str(outputs["report"])
     tmp = run_dir / "stages.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, run_dir / "stages.json")

@@ -110,7 +110,11 @@ def sample_key(cfg: Config, model: ModelArtifact, counts: list[int]) -> str:
                         "model_mtime": os.path.getmtime(model.weights)})
 
 
-def sample_method(cfg: Config, data: DatasetArtifact, model: ModelArtifact) -> SampleArtifact:
+def sample_method(cfg: Config, data: DatasetArtifact, model: ModelArtifact, *, counts: list[int] | None = None,
+                  folder: str | None = None) -> SampleArtifact:
+    """Generate `counts` images per class (default: the sample plan) into samples/<folder>/
+    (default: the method's name). Per-image seeds depend on the folder, so the augmentation
+    set (classify stage) and the evaluation set of one model are different images."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -118,17 +122,18 @@ def sample_method(cfg: Config, data: DatasetArtifact, model: ModelArtifact) -> S
     from pipeline.shards import tensor_array
 
     s = cfg.sample
-    counts = plan_counts(cfg, data.manifest)
-    out = (cfg.run_dir / "samples" / model.method).resolve()
+    counts = plan_counts(cfg, data.manifest) if counts is None else [int(c) for c in counts]
+    folder = folder or model.method
+    out = (cfg.run_dir / "samples" / folder).resolve()
     key = sample_key(cfg, model, counts)
     manifest_path = out / "manifest.json"
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
-        log.info("sample[%s]: reusing %s", model.method, out)
+        log.info("sample[%s]: reusing %s", folder, out)
         return SampleArtifact(model.method, out, sum(counts), skipped=True)
 
-    rows = plan_rows(counts, cfg.seed, model.method)
+    rows = plan_rows(counts, cfg.seed, folder)
     total = len(rows["label"])
-    tmp = out.parent / f".tmp-{model.method}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".tmp-{folder}-{uuid.uuid4().hex[:8]}"
     (tmp / "images").mkdir(parents=True)
     started = time.perf_counter()
     try:
@@ -152,7 +157,7 @@ def sample_method(cfg: Config, data: DatasetArtifact, model: ModelArtifact) -> S
                 pq.write_table(table, tmp / "images" / f"part-{shard:05d}.parquet")
                 shard, done = shard + 1, done + len(batch["label"])
                 rate = done / (time.perf_counter() - started)
-                log.info("sample[%s]: %d/%d images (%.2f img/s)", model.method, done, total, rate)
+                log.info("sample[%s]: %d/%d images (%.2f img/s)", folder, done, total, rate)
         grid = write_grid(tmp / "images", data.manifest, tmp / "grid.png", s.grid_per_class,
                           title=f"{cfg.name}: {model.method}, {s.sampler} ω={s.omega}")
         manifest = {"method": model.method, "key": key, "counts": counts, "num_images": total,
@@ -165,7 +170,7 @@ def sample_method(cfg: Config, data: DatasetArtifact, model: ModelArtifact) -> S
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("sample[%s]: %d images in %.1f s -> %s", model.method, total, time.perf_counter() - started, out)
+    log.info("sample[%s]: %d images in %.1f s -> %s", folder, total, time.perf_counter() - started, out)
     return SampleArtifact(model.method, out, total, skipped=False)
 
 

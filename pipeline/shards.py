@@ -25,8 +25,10 @@ def tensor_array(images: np.ndarray) -> pa.Array:
     return ArrowTensorArray.from_numpy(np.ascontiguousarray(images))
 
 
-def write_split(path: Path, images: np.ndarray, labels: np.ndarray, index: np.ndarray, shard_rows: int) -> list[str]:
-    """Write one split as Parquet shards with Ray Data; returns the file names written."""
+def write_split(path: Path, images: np.ndarray, labels: np.ndarray, index: np.ndarray, shard_rows: int,
+                extra: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Write one split as Parquet shards with Ray Data; returns the file names written.
+    `extra` adds plain columns (one value per row), e.g. the classify stage's `synthetic` flag."""
     import ray
     from ray.data.datasource import FilenameProvider
 
@@ -46,6 +48,7 @@ def write_split(path: Path, images: np.ndarray, labels: np.ndarray, index: np.nd
             "label": pa.array(labels[start:stop], pa.int64()),
             "index": pa.array(index[start:stop], pa.int64()),
             "row": pa.array(np.arange(start, stop), pa.int64()),
+            **{name: pa.array(values[start:stop]) for name, values in (extra or {}).items()},
         }))
     # The folder is a fresh temp folder of the data stage, so OVERWRITE (which lets the file
     # names carry no write UUID) cannot clobber anything.
