@@ -53,10 +53,23 @@ def init_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):  # a cluster, or inside `ray job submit`
         ray.init(address="auto", log_to_driver=False)
-    else:  # the dashboard frees the placement groups of trials ASHA stops
-        ray.init(include_dashboard=True, log_to_driver=False)
+    else:
+        ray.init(**local_ray_options(), log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def local_ray_options() -> dict:
+    """ray.init options for a local sweep. A stopped trial's placement group is freed by Train's
+    PlacementGroupCleaner through the dashboard's state API; the workers are told its address, so
+    this works even when other Ray instances run on the same machine (auto-detection fails there)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return {"include_dashboard": True, "dashboard_port": port,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
 
 
 def sweep_dir(base: Config, name: str) -> Path:

@@ -65,6 +65,7 @@ def run_sample_sweep(checkpoints: dict[str, tuple], space: SearchSpace, images: 
         started = time.perf_counter()
         for point, cfg, future in zip(points, cfgs, futures):
             feats, labels, seconds = ray.get(future)
+            feats, labels = np.array(feats), np.array(labels)  # writable copies out of the object store
             row = {"checkpoint": label, "params": point, "fid": frechet_distance(feats, ref_feats),
                    "images": len(feats), "seconds": round(seconds, 2), "weights": weights}
             if counts:

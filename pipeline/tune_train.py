@@ -28,12 +28,15 @@ log = logging.getLogger("taildiff.tune")
 
 
 def max_concurrent(cfg: Config, resources: dict) -> int:
-    """Trials that fit at once: GPUs / workers, or (CPUs − 1 for Ray Data) / CPUs per trial."""
+    """Trials that fit at once. Each trial's train workers hold num_workers × cpus_per_worker CPUs
+    (and a GPU each with use_gpu), and its Ray Data stream needs one more CPU for its read /
+    resample task: with fewer, concurrent trials deadlock waiting for their data."""
     t = cfg.train
+    per_trial = t.num_workers * t.cpus_per_worker + 1.0
+    fit = int(math.floor(resources.get("CPU", 1) / per_trial + 1e-9))
     if t.use_gpu:
-        return max(1, int(resources.get("GPU", 0) // t.num_workers))
-    need = t.num_workers * t.cpus_per_worker
-    return max(1, int(math.floor((resources.get("CPU", 1) - 1) / need + 1e-9)))
+        fit = min(fit, int(resources.get("GPU", 0) // t.num_workers))
+    return max(1, fit)
 
 
 def trial_function(params: dict, *, base: dict, space: dict, data: DatasetArtifact, sweep_dir: str,
@@ -80,7 +83,7 @@ def run_training_sweep(base: Config, space: SearchSpace, data: DatasetArtifact, 
     trainable = tune.with_resources(
         tune.with_parameters(trial_function, base=base.to_dict(), space=space.__dict__, data=data,
                              sweep_dir=str(sweep_dir), proxy=proxy),
-        {"CPU": 0})  # the trial only drives a TorchTrainer; its workers hold the CPUs / GPUs
+        {"CPU": 0.01})  # the trial only drives a TorchTrainer (its workers hold the CPUs / GPUs); Tune refuses 0
     tuner = tune.Tuner(
         trainable, param_space=tune_param_space(space),
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
