@@ -9,8 +9,8 @@ Synthetic images are generated for this stage (samples/<method>-augment/, own pe
 by the plan `classify.synthetic`: `fill` every class up to `fill_to` (default n_max) or
 `per_class` +N each; optionally only those the real-data CE classifier gives p(y|x) >= 
 `filter_min_confidence`. The training set of a synthetic arm is written as Parquet shards
-(classify/<arm>/trainset/, columns image, label, index, row, synthetic, seed) with a
-composition.json of real vs synthetic counts per class, and streamed like the LT split.
+(classify/<arm>/trainset/, columns image, label, index, row, synthetic, seed) with
+classify/<arm>/composition.json (real vs synthetic counts per class), and streamed like the LT split.
 
 Per arm: classify/<arm>/model.pt, metrics.json, history.csv, confusion.png, manifest.json;
 and classify/table.md comparing the arms. A finished arm is skipped on rerun; an interrupted
@@ -129,7 +129,7 @@ def build_training_set(cfg: Config, data: DatasetArtifact, arm: Arm, samples, ju
     key = stable_hash({"data": data.manifest["config_hash"], "samples": sample_key, "judge": judge_stamp,
                        "threshold": c.filter_min_confidence})
     out = (cfg.run_dir / "classify" / arm.name / "trainset").resolve()
-    comp_path = out / "composition.json"
+    comp_path = out.parent / "composition.json"  # beside the shards, so trainset/ is pure Parquet
     if comp_path.is_file():
         composition = json.loads(comp_path.read_text())
         if composition.get("key") == key:
@@ -157,15 +157,22 @@ def build_training_set(cfg: Config, data: DatasetArtifact, arm: Arm, samples, ju
     tmp = out.parent / f".tmp-trainset-{uuid.uuid4().hex[:8]}"
     try:
         write_split(tmp, images, labels, index, cfg.data.shard_rows, extra=extra)
-        (tmp / "composition.json").write_text(json.dumps(composition, indent=2))
+        comp_path.unlink(missing_ok=True)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _write_json(comp_path, composition)  # last: marks the set finished
     log.info("classify[%s]: training set %d real + %d synthetic (%d filtered out)", arm.name, len(real["label"]),
              int(kept.sum()), int((~kept).sum()))
     return out, key, composition
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def _read_samples(images_dir: Path, image_shape) -> dict[str, np.ndarray]:
@@ -246,9 +253,7 @@ def train_arm(cfg: Config, data: DatasetArtifact, arm: Arm, set_dir: Path, set_k
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     manifest = {"arm": arm.name, "recipe": arm.recipe, "method": arm.method, "key": key, "training_set": str(set_dir),
                 "metrics": metrics, "composition": composition, "config": cfg.to_dict()}
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)  # last: marks the arm finished
+    _write_json(manifest_path, manifest)  # last: marks the arm finished
     log.info("classify[%s]: top-1 %.4f (last), few %.4f, %.0f s", arm.name, metrics["last"]["accuracy"],
              metrics["last"]["few_accuracy"], metrics["fit_seconds"])
     return ClassifierArtifact(arm, out, metrics, composition, skipped=False)
@@ -279,7 +284,7 @@ def _fit(cfg: Config, data: DatasetArtifact, arm: Arm, set_dir: Path, key: str, 
         classify_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "arm": arm.name, "recipe": arm.recipe,
                            "num_classes": data.num_classes, "image_shape": list(data.image_shape),
-                           "train_counts": train_counts, "test_dir": str(data.split_dir("test")), "groups": groups},
+                           "train_counts": train_counts, "test_dir": str(data.split_dir("test").resolve()), "groups": groups},
         scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                                resources_per_worker={"CPU": c.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage),

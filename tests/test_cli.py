@@ -2,13 +2,18 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import REPO
 
 
-def run_cli(*args, timeout=240):
+QUICK_CLASSIFY = ["--set", "classify.epochs=1", "--set", "classify.baselines=[ce]", "--set", "classify.synthetic=per_class",
+                  "--set", "classify.per_class=2", "--set", "classify.batch_size=64"]
+
+
+def run_cli(*args, timeout=400):
     return subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -34,17 +39,23 @@ def test_main_job_runs_then_skips(tmp_path):
     assert manifest["dataset"] == "digits" and not stages["data_reused"]
     assert "label" in first.stdout  # the per-class table
 
-    whole = run_cli(*base, "--set", "train.steps=20", "--set", "train.checkpoint_every=10")
+    job = [*base, "--set", "train.steps=20", "--set", "train.checkpoint_every=10", *QUICK_CLASSIFY]
+    whole = run_cli(*job)
     assert whole.returncode == 0, whole.stderr[-3000:]
     stages = json.loads((run_dir / "stages.json").read_text())
     assert stages["data_reused"] and stages["models"]["ddpm"]["step"] == 20
     assert stages["samples"]["ddpm"]["images"] == 50
     assert (run_dir / "samples" / "ddpm" / "grid.png").is_file() and (run_dir / "train" / "ddpm" / "loss.png").is_file()
+    assert set(stages["classify"]) == {"ce", "syn-ddpm"} and (run_dir / "report.md").is_file()
 
-    again = run_cli(*base, "--set", "train.steps=20", "--set", "train.checkpoint_every=10")
+    started = time.perf_counter()
+    again = run_cli(*job)
+    seconds = time.perf_counter() - started
     assert again.returncode == 0, again.stderr[-2000:]
     stages = json.loads((run_dir / "stages.json").read_text())
-    assert stages["models"]["ddpm"]["reused"] and stages["samples"]["ddpm"]["reused"]
+    assert stages["data_reused"] and stages["models"]["ddpm"]["reused"] and stages["samples"]["ddpm"]["reused"]
+    assert stages["evaluation"]["ddpm"]["reused"] and all(arm["reused"] for arm in stages["classify"].values())
+    print(f"rerun of the whole main job with nothing changed: {seconds:.1f} s")
 
 
 @pytest.mark.parametrize("args, message", [

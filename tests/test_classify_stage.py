@@ -1,0 +1,108 @@
+"""The classify and report stages on tiny settings: training-set composition against the plan,
+a 1-epoch Ray Train run per arm with its metrics and plots, reuse on rerun, the report."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO
+from pipeline.classify import plan_arms, run_classify, synthetic_counts
+from pipeline.data import run_data
+from pipeline.report import run_report
+from pipeline.train import run_train
+
+TINY = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train.log_every=3", "train.checkpoint_every=3",
+        "train.bf16=false", "sample.steps=3", "sample.batch_size=40", "sample.bf16=false", "classify.epochs=1",
+        "classify.batch_size=64", "classify.steps=3"]
+
+
+def test_synthetic_plans_fill_and_per_class(make_config):
+    counts = [131, 101, 60, 13]
+    fill = make_config("digits_lt", "classify.synthetic=fill")
+    assert synthetic_counts(fill, counts) == [0, 30, 71, 118]
+    capped = make_config("digits_lt", "classify.synthetic=fill", "classify.fill_to=100")
+    assert synthetic_counts(capped, counts) == [0, 0, 40, 87]
+    plus = make_config("digits_lt", "classify.synthetic=per_class", "classify.per_class=7")
+    assert synthetic_counts(plus, counts) == [7, 7, 7, 7]
+    arms = plan_arms(make_config("digits_lt", "classify.baselines=[la,ce]", "train.methods=[ddpm,cbdm]"))
+    assert [a.name for a in arms] == ["ce", "la", "syn-ddpm", "syn-cbdm"]
+    assert [a.method for a in arms] == [None, None, "ddpm", "cbdm"]
+    filtered = plan_arms(make_config("digits_lt", "classify.baselines=[rs]", "classify.filter_min_confidence=0.5"))
+    assert [a.name for a in filtered][:2] == ["ce", "rs"]  # the judge trains first
+
+
+@pytest.fixture(scope="module")
+def classified(ray_session, tmp_path_factory):
+    from pipeline.config import load_config
+
+    out = tmp_path_factory.mktemp("classify")
+    cfg = load_config(REPO / "configs" / "digits_lt.yaml",
+                      [f"output_dir={out}", *TINY, "classify.baselines=[ce,ldam_drw]", "classify.synthetic=per_class",
+                       "classify.per_class=4", "stages=[data,train,classify,report]"])
+    data = run_data(cfg)
+    models = run_train(cfg, data)
+    results = run_classify(cfg, data, models)
+    return cfg, data, models, results
+
+
+def test_training_set_composition_matches_the_plan(classified):
+    cfg, data, _, results = classified
+    art = results["syn-ddpm"]
+    comp = art.composition
+    assert comp["real"] == data.manifest["class_counts"]
+    assert comp["synthetic"] == [4] * data.num_classes and comp["filtered_out"] == [0] * data.num_classes
+    table = pq.read_table(art.path / "trainset")
+    labels, synthetic = table.column("label").to_numpy(), table.column("synthetic").to_numpy()
+    assert np.bincount(labels[~synthetic], minlength=10).tolist() == comp["real"]
+    assert np.bincount(labels[synthetic], minlength=10).tolist() == comp["synthetic"]
+    seeds = table.column("seed").to_numpy()
+    assert (seeds[~synthetic] == -1).all() and len(set(seeds[synthetic])) == synthetic.sum()
+    # the synthetic rows are the augmentation samples, not the evaluation ones
+    meta = json.loads((cfg.run_dir / "samples" / "ddpm-augment" / "manifest.json").read_text())
+    assert meta["counts"] == [4] * 10 and meta["sample"]["steps"] == 3
+
+
+def test_each_arm_trains_one_epoch_on_ray_train_and_reports(classified):
+    cfg, data, _, results = classified
+    assert list(results) == ["ce", "ldam_drw", "syn-ddpm"]
+    for name, art in results.items():
+        m = art.metrics
+        last = m["last"]
+        for key in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1",
+                    "many_accuracy", "medium_accuracy", "few_accuracy", "group_std"):
+            assert 0.0 <= last[key] <= 1.0, (name, key)
+        assert np.array(last["confusion"]).sum() == data.manifest["num_test"]
+        assert m["epochs"] == 1 and m["best_epoch"] == 1
+        for f in ("model.pt", "metrics.json", "history.csv", "confusion.png", "manifest.json"):
+            assert (art.path / f).is_file(), (name, f)
+    table = (cfg.run_dir / "classify" / "table.md").read_text()
+    for name in results:
+        assert f"| {name} |" in table
+    assert "LDAM-DRW" in table and "LT real + synthetic (ddpm)" in table
+
+
+def test_rerun_reuses_every_arm(classified):
+    cfg, data, models, results = classified
+    again = run_classify(cfg, data, models)
+    assert all(art.skipped for art in again.values())
+    assert again["ce"].metrics["last"] == results["ce"].metrics["last"]
+
+
+def test_report_contains_every_table_and_image(classified):
+    cfg, data, models, results = classified
+    path = run_report(cfg, {"data": data, "train": models, "classify": results})
+    text = path.read_text()
+    for heading in ("## Dataset", "## Training", "## Classification"):
+        assert heading in text
+    assert "| arm | training set |" in text and "Training-set composition" in text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links, "the report shows no images"
+    for link in links:
+        assert (path.parent / link).is_file(), link
+    for name in results:
+        assert f"classify/{name}/confusion.png" in links
+    assert "train/ddpm/loss.png" in links
