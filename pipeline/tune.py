@@ -68,7 +68,7 @@ def local_ray_options() -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return {"include_dashboard": True, "dashboard_port": port,
+    return {"address": "local", "include_dashboard": True, "dashboard_port": port,
             "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
 
 

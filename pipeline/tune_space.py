@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from models.methods import get_method
+from models.methods import METHODS, get_method
 from pipeline.config import Config, _assign, config_from_dict
 from pipeline.errors import ConfigError
 
@@ -148,10 +148,14 @@ def _default_base() -> Config:
 def point_config(base: Config, space: SearchSpace, point: dict, **top: Any) -> Config:
     """base + the space's method + a point (dotted key -> value) + top-level keys, validated."""
     raw = copy.deepcopy(base.to_dict())
-    if space.kind == "train":
-        raw["train"]["methods"] = [space.method]
     for key, value in {**point, **top}.items():
         _assign(raw, key.split("."), value)
+    if space.kind == "train":  # a trial trains one method; fine-tuning starts from the base run's model
+        methods = point.get("train.methods", space.method)
+        raw["train"]["methods"] = [methods] if isinstance(methods, str) else list(methods)
+        init = raw["train"].get("init_from")
+        if init in METHODS and init not in raw["train"]["methods"]:
+            raw["train"]["init_from"] = str((base.run_dir / "train" / init / "model.pt").resolve())
     try:
         return config_from_dict(raw)
     except ConfigError as exc:

@@ -121,7 +121,8 @@ def collect_trials(sweep_dir: Path, steps: int) -> list[dict]:
         ended = json.loads((folder / "finished.json").read_text())["finished"] if finished else (
             last[2] if last else info["started"])
         rows.append({"trial_id": info["trial_id"], "method": info["method"], "params": info["params"],
-                     "status": "finished" if finished else "stopped", "step": last[0] if last else 0,
+                     "status": "finished" if finished or (last and last[0] >= steps) else "stopped",
+                     "step": last[0] if last else 0,
                      "fid": last[1] if last else None, "fid_history": [(s, v) for s, v, _ in history],
                      "seconds": round(ended - info["started"], 1), "run_dir": str(folder)})
     return rows
