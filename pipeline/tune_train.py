@@ -71,14 +71,17 @@ def run_training_sweep(base: Config, space: SearchSpace, data: DatasetArtifact, 
 
     from pipeline.tune_space import sample_points
 
+    from pipeline.train import method_steps
+
     for point in sample_points(space, 2, seed=base.seed):  # fail on the driver, not in a trial
-        point_config(base, space, point)
+        trial_cfg = point_config(base, space, point)
+    steps = method_steps(trial_cfg, trial_cfg.train.methods[0])  # train.finetune_steps when fine-tuning
     concurrent = max_concurrent(base, ray.available_resources())
     scheduler = FIFOScheduler()
     if space.scheduler:
         s = space.scheduler
         grace = s["grace_period"] or base.train.checkpoint_every
-        scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps, grace_period=grace,
+        scheduler = ASHAScheduler(time_attr="step", max_t=steps, grace_period=grace,
                                   reduction_factor=s["reduction_factor"])
     trainable = tune.with_resources(
         tune.with_parameters(trial_function, base=base.to_dict(), space=space.__dict__, data=data,
@@ -95,7 +98,7 @@ def run_training_sweep(base: Config, space: SearchSpace, data: DatasetArtifact, 
              (num_samples or space.num_samples), concurrent, "ASHA" if space.scheduler else "no early stopping")
     grid = tuner.fit()
     errors = [str(r.error).strip().splitlines()[-1][:300] for r in grid if r.error is not None]
-    rows = collect_trials(sweep_dir, base.train.steps)
+    rows = collect_trials(sweep_dir, steps)
     if errors:
         log.warning("tune[%s]: %d trial(s) failed; first: %s", space.name, len(errors), errors[0])
     if not any(r["fid"] is not None for r in rows):
