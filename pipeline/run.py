@@ -59,7 +59,7 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):  # a cluster, or inside `ray job submit`
         ray.init(address="auto", log_to_driver=False)
     else:
-        ray.init(log_to_driver=False)
+        ray.init(address="local", log_to_driver=False)  # never a stray `ray start` cluster
     # Stage progress is reported by the stages themselves; Ray Data's per-dataset chatter is not.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
