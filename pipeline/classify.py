@@ -3,7 +3,8 @@
 Arms, each one ResNet-32 trained on Ray Train and scored on the balanced test split:
   ce, rs, la, ldam_drw     classifier-only baselines on the real LT split (models/lt_losses.py)
   syn-<method>             real LT + synthetic images from a trained diffusion method, with
-                           `classify.synthetic_recipe` (default ce)
+                           each recipe of `classify.synthetic_recipes` (default ce; a recipe
+                           other than ce is in the name: syn-<method>-rs)
 
 Synthetic images are generated for this stage (samples/<method>-augment/, own per-image seeds)
 by the plan `classify.synthetic`: `fill` every class up to `fill_to` (default n_max) or
@@ -40,7 +41,7 @@ from pipeline.errors import TaildiffError
 from pipeline.train import ModelArtifact, latest_progress
 
 log = logging.getLogger("taildiff.classify")
-SYNTHETIC_KEYS = ("baselines", "methods", "synthetic", "fill_to", "per_class", "synthetic_recipe",
+SYNTHETIC_KEYS = ("baselines", "methods", "synthetic", "fill_to", "per_class", "synthetic_recipes",
                   "filter_min_confidence", "sampler", "steps", "omega", "keep_checkpoints", "eval_every")
 
 
@@ -61,15 +62,18 @@ class ClassifierArtifact:
 
 
 def plan_arms(cfg: Config) -> list[Arm]:
-    """Baselines first (the CE one first of all when it filters synthetic images), then one
-    real + synthetic arm per diffusion method."""
+    """Baselines first (the CE one first of all when it filters synthetic images), then the
+    real + synthetic arms: one per (diffusion method, synthetic recipe)."""
     c = cfg.classify
     names = list(dict.fromkeys(c.baselines))
     if c.filter_min_confidence > 0 and "ce" not in names:
         names.insert(0, "ce")
     arms = [Arm(name, name) for name in sorted(names, key=lambda n: n != "ce")]
     if c.synthetic != "none":
-        arms += [Arm(f"syn-{m.replace('+', '-')}", c.synthetic_recipe, m) for m in (c.methods or cfg.train.methods)]
+        for m in c.methods or cfg.train.methods:
+            for recipe in c.synthetic_recipes:
+                name = f"syn-{m.replace('+', '-')}" + ("" if recipe == "ce" else f"-{recipe}")
+                arms.append(Arm(name, recipe, m))
     return arms
 
 

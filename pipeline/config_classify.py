@@ -25,7 +25,7 @@ class ClassifyConfig:
     synthetic: str = "fill"  # fill: every class up to fill_to | per_class: +per_class each | none
     fill_to: Optional[int] = None  # fill target per class (None = n_max, the head count)
     per_class: int = 0  # synthetic=per_class: images added to every class
-    synthetic_recipe: str = "ce"  # the recipe trained on real + synthetic (a baseline name)
+    synthetic_recipes: tuple = ("ce",)  # recipes trained on real + synthetic (baseline names)
     filter_min_confidence: float = 0.0  # >0: keep synthetic images the real-data CE classifier
     #                                     gives p(y | x) >= this; the CE baseline then trains first
     sampler: Optional[str] = None  # generation for augmentation; None = the sample section's
@@ -57,9 +57,12 @@ def validate_classify(c: ClassifyConfig, train_methods: tuple) -> None:
     from models.lt_losses import RECIPES
     from models.sampling import SAMPLERS
 
-    for name in (*c.baselines, c.synthetic_recipe):
+    if not c.synthetic_recipes and c.synthetic != "none":
+        raise ConfigError("classify.synthetic_recipes is empty: list at least one recipe (e.g. [ce]) or set "
+                          "classify.synthetic=none")
+    for name in (*c.baselines, *c.synthetic_recipes):
         if name not in RECIPES:
-            raise ConfigError(f"unknown classifier recipe {name!r} (classify.baselines / synthetic_recipe): "
+            raise ConfigError(f"unknown classifier recipe {name!r} (classify.baselines / synthetic_recipes): "
                               f"use one of {', '.join(RECIPES)}")
     if c.methods is not None:
         missing = [m for m in c.methods if m not in train_methods]

@@ -31,6 +31,8 @@ def test_synthetic_plans_fill_and_per_class(make_config):
     arms = plan_arms(make_config("digits_lt", "classify.baselines=[la,ce]", "train.methods=[ddpm,cbdm]"))
     assert [a.name for a in arms] == ["ce", "la", "syn-ddpm", "syn-cbdm"]
     assert [a.method for a in arms] == [None, None, "ddpm", "cbdm"]
+    both = plan_arms(make_config("digits_lt", "classify.baselines=[ce]", "classify.synthetic_recipes=[ce,rs]"))
+    assert [(a.name, a.recipe) for a in both] == [("ce", "ce"), ("syn-ddpm", "ce"), ("syn-ddpm-rs", "rs")]
     filtered = plan_arms(make_config("digits_lt", "classify.baselines=[rs]", "classify.filter_min_confidence=0.5"))
     assert [a.name for a in filtered][:2] == ["ce", "rs"]  # the judge trains first
 
@@ -106,3 +108,23 @@ def test_report_contains_every_table_and_image(classified):
     for name in results:
         assert f"classify/{name}/confusion.png" in links
     assert "train/ddpm/loss.png" in links
+
+
+def test_confidence_filter_keeps_what_the_real_data_classifier_believes(tmp_path):
+    import torch
+
+    from models.resnet import resnet32
+    from pipeline.classify import confidence_filter
+
+    net = resnet32(3, in_channels=1)
+    with torch.no_grad():  # a classifier sure of class 0 (p ≈ 0.88) whatever the image
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([3.0, 1.0, 0.0]))
+    torch.save({"net": net.state_dict(), "recipe": "ce", "num_classes": 3, "in_channels": 1, "epoch": 1},
+               tmp_path / "model.pt")
+    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    p = np.exp([3.0, 1.0, 0.0]) / np.exp([3.0, 1.0, 0.0]).sum()
+    assert confidence_filter(tmp_path / "model.pt", images, labels, 0.5).tolist() == [True, False, False] * 2
+    keep_two = confidence_filter(tmp_path / "model.pt", images, labels, float(p[1]) - 1e-4)
+    assert keep_two.tolist() == [True, True, False] * 2
