@@ -10,8 +10,9 @@ Synthetic images are generated for this stage (samples/<method>-augment/, own pe
 by the plan `classify.synthetic`: `fill` every class up to `fill_to` (default n_max) or
 `per_class` +N each; optionally only those the real-data CE classifier gives p(y|x) >= 
 `filter_min_confidence`. The training set of a synthetic arm is written as Parquet shards
-(classify/<arm>/trainset/, columns image, label, index, row, synthetic, seed) with
-classify/<arm>/composition.json (real vs synthetic counts per class), and streamed like the LT split.
+(classify/sets/<method>/shards/, columns image, label, index, row, synthetic, seed) with
+classify/sets/<method>/composition.json (real vs synthetic counts per class), shared by that
+method's arms, and streamed like the LT split.
 
 Per arm: classify/<arm>/model.pt, metrics.json, history.csv, confusion.png, manifest.json;
 and classify/table.md comparing the arms. A finished arm is skipped on rerun; an interrupted
@@ -132,8 +133,8 @@ def build_training_set(cfg: Config, data: DatasetArtifact, arm: Arm, samples, ju
         judge_stamp = [str(judge.path / "model.pt"), os.path.getmtime(judge.path / "model.pt")]
     key = stable_hash({"data": data.manifest["config_hash"], "samples": sample_key, "judge": judge_stamp,
                        "threshold": c.filter_min_confidence})
-    out = (cfg.run_dir / "classify" / arm.name / "trainset").resolve()
-    comp_path = out.parent / "composition.json"  # beside the shards, so trainset/ is pure Parquet
+    out = (cfg.run_dir / "classify" / "sets" / arm.method.replace("+", "-") / "shards").resolve()
+    comp_path = out.parent / "composition.json"  # beside the shards, so shards/ is pure Parquet
     if comp_path.is_file():
         composition = json.loads(comp_path.read_text())
         if composition.get("key") == key:
@@ -150,7 +151,7 @@ def build_training_set(cfg: Config, data: DatasetArtifact, arm: Arm, samples, ju
     extra = {"synthetic": np.concatenate([np.zeros(len(real["label"]), bool), np.ones(int(kept.sum()), bool)]),
              "seed": np.concatenate([np.full(len(real["label"]), -1, np.int64), syn["seed"][kept]])}
     composition = {
-        "key": key, "arm": arm.name, "method": arm.method, "samples": str(samples.path),
+        "key": key, "method": arm.method, "samples": str(samples.path),
         "plan": c.synthetic, "fill_to": c.fill_to, "per_class": c.per_class,
         "filter_min_confidence": c.filter_min_confidence,
         "real": np.bincount(real["label"], minlength=k).tolist(),
@@ -158,7 +159,8 @@ def build_training_set(cfg: Config, data: DatasetArtifact, arm: Arm, samples, ju
         "filtered_out": np.bincount(syn["label"][~kept], minlength=k).tolist(),
         "class_names": data.manifest["class_names"],
     }
-    tmp = out.parent / f".tmp-trainset-{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-shards-{uuid.uuid4().hex[:8]}"
     try:
         write_split(tmp, images, labels, index, cfg.data.shard_rows, extra=extra)
         comp_path.unlink(missing_ok=True)
@@ -168,7 +170,7 @@ def build_training_set(cfg: Config, data: DatasetArtifact, arm: Arm, samples, ju
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _write_json(comp_path, composition)  # last: marks the set finished
-    log.info("classify[%s]: training set %d real + %d synthetic (%d filtered out)", arm.name, len(real["label"]),
+    log.info("classify[%s]: training set %d real + %d synthetic (%d filtered out)", arm.method, len(real["label"]),
              int(kept.sum()), int((~kept).sum()))
     return out, key, composition
 

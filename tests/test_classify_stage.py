@@ -57,7 +57,7 @@ def test_training_set_composition_matches_the_plan(classified):
     comp = art.composition
     assert comp["real"] == data.manifest["class_counts"]
     assert comp["synthetic"] == [4] * data.num_classes and comp["filtered_out"] == [0] * data.num_classes
-    table = pq.read_table(art.path / "trainset")
+    table = pq.read_table(cfg.run_dir / "classify" / "sets" / "ddpm" / "shards")
     labels, synthetic = table.column("label").to_numpy(), table.column("synthetic").to_numpy()
     assert np.bincount(labels[~synthetic], minlength=10).tolist() == comp["real"]
     assert np.bincount(labels[synthetic], minlength=10).tolist() == comp["synthetic"]
