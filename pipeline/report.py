@@ -83,11 +83,11 @@ def classification_section(cfg: Config, classifiers: dict, base: Path) -> list[s
     lines = ["## Classification (ResNet-32 on the balanced test set)", ""]
     if table.is_file():
         lines += [table.read_text().rstrip(), ""]
-    augmented = [art for art in classifiers.values() if art.arm.method is not None]
-    if augmented:
+    augmented = list({art.arm.method: art for art in classifiers.values() if art.arm.method is not None}.values())
+    if augmented:  # one column per method: its recipes share the training set
         names = augmented[0].composition["class_names"]
         lines += ["### Training-set composition (real + synthetic per class)", "",
-                  "| class | real | " + " | ".join(f"{a.arm.name} synthetic (filtered out)" for a in augmented) + " |",
+                  "| class | real | " + " | ".join(f"{a.arm.method} synthetic (filtered out)" for a in augmented) + " |",
                   "|" + "---|" * (2 + len(augmented))]
         for c, name in enumerate(names):
             cells = " | ".join(f"{a.composition['synthetic'][c]} ({a.composition['filtered_out'][c]})" for a in augmented)

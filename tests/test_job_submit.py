@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -53,7 +54,10 @@ def auth_env():
 def head_node(tmp_path, auth_env):
     """A separate local Ray cluster with a dashboard (the job server); yields its job API address."""
     dashboard = free_port()
-    cmd = [ray_cli(), "start", "--head", "--block", "--num-cpus=2", f"--port={free_port()}",
+    # its own temp dir (short: it holds Unix sockets), so the `ray_current_cluster` file it writes
+    # cannot make a later plain `ray.init()` on this machine try to join it
+    temp_dir = tempfile.mkdtemp(prefix="tdray", dir="/tmp")
+    cmd = [ray_cli(), "start", "--head", "--block", "--num-cpus=2", f"--port={free_port()}", f"--temp-dir={temp_dir}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
            f"--metrics-export-port={free_port()}", f"--ray-client-server-port={free_port()}",
@@ -82,6 +86,7 @@ def head_node(tmp_path, auth_env):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_main_job(head_node, auth_env, tmp_path):

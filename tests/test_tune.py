@@ -94,7 +94,7 @@ def tune_ray():
     yield ray
     ray.shutdown()
     if was_running:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
