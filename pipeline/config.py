@@ -217,10 +217,28 @@ def _assign(tree: dict, keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
+RENAMED = {("classify", "synthetic_recipe"): ("synthetic_recipes", lambda v: [v])}  # old key: (new key, value map)
+
+
 def config_from_dict(raw: dict) -> Config:
+    """Build and validate a Config; keys renamed since a config (or checkpoint) was written are upgraded."""
+    raw = _upgrade(raw)
     cfg = _build(Config, raw, prefix="")
     validate(cfg)
     return cfg
+
+
+def _upgrade(raw: dict) -> dict:
+    if not isinstance(raw, dict):
+        return raw
+    raw = dict(raw)
+    for (section, old), (new, convert) in RENAMED.items():
+        body = raw.get(section)
+        if isinstance(body, dict) and old in body and new not in body:
+            body = dict(body)
+            body[new] = convert(body.pop(old))
+            raw[section] = body
+    return raw
 
 
 def _build(cls, raw: dict, prefix: str):

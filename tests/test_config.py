@@ -61,3 +61,12 @@ def test_missing_and_malformed_config_files(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_configs_written_before_a_key_rename_still_load():
+    from pipeline.config import config_from_dict, load_config
+
+    raw = load_config().to_dict()
+    raw["classify"].pop("synthetic_recipes")
+    raw["classify"]["synthetic_recipe"] = "rs"  # as checkpoints of the first classify stage stored it
+    assert config_from_dict(raw).classify.synthetic_recipes == ("rs",)
