@@ -80,6 +80,10 @@ def run_tune(base: Config, space: SearchSpace, *, name: str | None = None, num_s
              checkpoints: list[str] | None = None, overrides: list[str] | None = None, images: int | None = None,
              stop=None) -> dict:
     """Run one sweep and write its outputs; returns {"dir", "rows", "best", "best_yaml", "seconds"}."""
+    import dataclasses
+
+    # trials run in Tune's own working directories: every path they get must be absolute
+    base = dataclasses.replace(base, output_dir=str(Path(base.output_dir).resolve()))
     init_ray()
     name = name or space.name
     out = sweep_dir(base, name)
