@@ -39,6 +39,22 @@ def max_concurrent(cfg: Config, resources: dict) -> int:
     return max(1, fit)
 
 
+TRIAL_CPU = 0.01  # the trial function only drives a TorchTrainer; Tune refuses 0
+
+
+def check_trial_fits(cfg: Config, resources: dict) -> None:
+    """One line naming the fix when even one trial cannot run: its trainer's CPUs, the trial
+    function's sliver and a whole CPU for its data stream must fit, or the sweep waits forever."""
+    t = cfg.train
+    need = t.num_workers * t.cpus_per_worker + TRIAL_CPU + 1.0  # GPU workers hold their CPUs too
+    have = resources.get("CPU", 0.0)
+    if need > have + 1e-9:
+        raise TaildiffError(
+            f"a training trial needs {need:g} CPUs (train.num_workers × train.cpus_per_worker, plus one for its "
+            f"data stream) but the cluster has {have:g}: lower train.cpus_per_worker (e.g. --set "
+            "train.cpus_per_worker=0.5; train.torch_threads still sets the compute threads) or add CPUs")
+
+
 def trial_function(params: dict, *, base: dict, space: dict, data: DatasetArtifact, sweep_dir: str,
                    proxy: dict) -> None:
     """One trial: base config + the sampled point, stages data (shared) + train, with the proxy FID."""
@@ -76,6 +92,7 @@ def run_training_sweep(base: Config, space: SearchSpace, data: DatasetArtifact, 
     for point in sample_points(space, 2, seed=base.seed):  # fail on the driver, not in a trial
         trial_cfg = point_config(base, space, point)
     steps = method_steps(trial_cfg, trial_cfg.train.methods[0])  # train.finetune_steps when fine-tuning
+    check_trial_fits(base, ray.cluster_resources())
     concurrent = max_concurrent(base, ray.available_resources())
     scheduler = FIFOScheduler()
     if space.scheduler:
@@ -86,7 +103,7 @@ def run_training_sweep(base: Config, space: SearchSpace, data: DatasetArtifact, 
     trainable = tune.with_resources(
         tune.with_parameters(trial_function, base=base.to_dict(), space=space.__dict__, data=data,
                              sweep_dir=str(sweep_dir), proxy=proxy),
-        {"CPU": 0.01})  # the trial only drives a TorchTrainer (its workers hold the CPUs / GPUs); Tune refuses 0
+        {"CPU": TRIAL_CPU})
     tuner = tune.Tuner(
         trainable, param_space=tune_param_space(space),
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,

@@ -12,7 +12,8 @@ from models.methods import METHODS, get_method
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.tune_space import load_space, point_config, sample_points
-from pipeline.tune_train import max_concurrent
+from pipeline.errors import TaildiffError
+from pipeline.tune_train import check_trial_fits, max_concurrent
 
 SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))
 TINY = ["model.image_size=8", "train.steps=4", "train.batch_size=16", "train.log_every=2",
@@ -65,6 +66,14 @@ def test_bad_spaces_fail_with_one_line(tmp_path, body, message):
                        .replace("{", r"\{")) as info:
         load_space(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_trial_that_cannot_fit_is_one_line_naming_the_fix():
+    base = load_config()  # the default preset: 1 CPU per worker
+    with pytest.raises(TaildiffError, match="train.cpus_per_worker=0.5"):
+        check_trial_fits(base, {"CPU": 2})  # 1 + 0.01 + 1 for the stream > 2: it would wait forever
+    check_trial_fits(load_config(overrides=["train.cpus_per_worker=0.5"]), {"CPU": 2})
+    check_trial_fits(base, {"CPU": 3})
 
 
 def test_max_concurrent_leaves_a_cpu_per_trial_for_ray_data():
