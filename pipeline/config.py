@@ -19,13 +19,13 @@ from typing import Any, Optional, Union
 import yaml
 
 from models.longtail import PROFILES
-from models.methods import METHODS, MethodOptions, get_method
+from models.methods import METHODS, get_method
 from models.resampling import MODES
 from models.sampling import SAMPLERS
 from models.schedule import SCHEDULES
 from models.unet import COND_DROP_MODES, PRESETS as MODEL_PRESETS
 from pipeline.config_classify import ClassifyConfig, validate_classify
-from pipeline.config_methods import CBDMConfig, DiffROPConfig, OCConfig, ReweightConfig
+from pipeline.config_methods import CBDMConfig, DiffROPConfig, OCConfig, ReweightConfig, method_options
 from pipeline.errors import ConfigError
 from pipeline.sources import SOURCES
 
@@ -394,13 +394,3 @@ def _validate_model_train_sample(cfg: Config) -> None:
         raise ConfigError(f"unknown evaluate.extractor {e.extractor!r}: use domain or inception")
     if not 0.0 < e.memorization_quantile < 1.0 or e.min_per_class < 2 or e.kid_subset_size < 2:
         raise ConfigError("evaluate.memorization_quantile must be in (0, 1), min_per_class and kid_subset_size >= 2")
-
-
-def method_options(cfg: Config) -> MethodOptions:
-    """The models-side knobs of every method, from the config's method sections."""
-    c, o, d, r = cfg.cbdm, cfg.oc, cfg.diffrop, cfg.reweight
-    return MethodOptions(
-        cbdm_tau=c.tau, cbdm_gamma=c.gamma, cbdm_label_set=c.label_set, cbdm_num_labels=c.num_labels,
-        cbdm_batched=c.batched, oc_beta=o.beta, oc_cutoff=o.cutoff, diffrop_form=d.form, diffrop_tau0=d.tau0,
-        diffrop_temperature=d.temperature, diffrop_margin=d.margin, diffrop_group_size=d.group_size,
-        reweight_power=r.power)

@@ -1,8 +1,11 @@
-"""Config sections of the long-tail methods (models/cbdm.py, models/oc.py, models/diffrop.py),
+"""Config sections of the long-tail methods (models/cbdm.py, models/oc.py, models/diffrop.py)
+and `method_options`, the models-side knobs built from them;
 re-exported by pipeline/config.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from models.methods import MethodOptions
 
 
 @dataclass(frozen=True)
@@ -39,3 +42,13 @@ class DiffROPConfig:
 @dataclass(frozen=True)
 class ReweightConfig:
     power: float = 1.0  # loss weight ∝ n_c^−power
+
+
+def method_options(cfg) -> MethodOptions:
+    """The models-side knobs of every method, from the config's method sections."""
+    c, o, d, r = cfg.cbdm, cfg.oc, cfg.diffrop, cfg.reweight
+    return MethodOptions(
+        cbdm_tau=c.tau, cbdm_gamma=c.gamma, cbdm_label_set=c.label_set, cbdm_num_labels=c.num_labels,
+        cbdm_batched=c.batched, oc_beta=o.beta, oc_cutoff=o.cutoff, diffrop_form=d.form, diffrop_tau0=d.tau0,
+        diffrop_temperature=d.temperature, diffrop_margin=d.margin, diffrop_group_size=d.group_size,
+        reweight_power=r.power)

@@ -51,15 +51,17 @@ def write_run_config(cfg: Config) -> Path:
     return run_dir
 
 
-def init_ray() -> None:
+def init_ray(**local_options) -> None:
+    """Join the cluster of RAY_ADDRESS (also set inside `ray job submit`), else start a local Ray
+    (never a stray `ray start` cluster) with `local_options` for ray.init."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):  # a cluster, or inside `ray job submit`
+    if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", log_to_driver=False)
     else:
-        ray.init(address="local", log_to_driver=False)  # never a stray `ray start` cluster
+        ray.init(**{"address": "local", **local_options}, log_to_driver=False)
     # Stage progress is reported by the stages themselves; Ray Data's per-dataset chatter is not.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

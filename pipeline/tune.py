@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -47,16 +46,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def init_ray() -> None:
-    import ray
+    from pipeline.run import init_ray as init_run_ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # a cluster, or inside `ray job submit`
-        ray.init(address="auto", log_to_driver=False)
-    else:
-        ray.init(**local_ray_options(), log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    init_run_ray(**local_ray_options())
 
 
 def local_ray_options() -> dict:
