@@ -140,7 +140,9 @@ def build_training_set(cfg: Config, data: DatasetArtifact, arm: Arm, samples, ju
         if composition.get("key") == key:
             return out, key, composition
     real = read_split(data.split_dir("train"), data.image_shape, data.num_classes)
-    syn = _read_samples(samples.images_dir, data.image_shape)
+    from pipeline.evaluate import load_samples
+
+    syn = load_samples(samples, data.image_shape, allow_empty=True)
     k = data.num_classes
     kept = np.ones(len(syn["label"]), dtype=bool)
     if judge is not None and len(kept):
@@ -179,22 +181,6 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
-
-
-def _read_samples(images_dir: Path, image_shape) -> dict[str, np.ndarray]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.shards import column_to_numpy
-
-    files = sorted(images_dir.glob("*.parquet"))
-    if not files:
-        return {"image": np.zeros((0, *image_shape), np.uint8), "label": np.zeros(0, np.int64),
-                "seed": np.zeros(0, np.int64)}
-    table = pa.concat_tables([pq.read_table(f) for f in files])
-    return {"image": column_to_numpy(table.column("image"), tuple(image_shape)),
-            "label": table.column("label").to_numpy().astype(np.int64),
-            "seed": table.column("seed").to_numpy().astype(np.int64)}
 
 
 def confidence_filter(weights: Path, images: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:

@@ -129,14 +129,18 @@ def real_features(extractor: Extractor, cfg: Config, data: DatasetArtifact) -> d
     return out
 
 
-def load_samples(sample: SampleArtifact, image_shape) -> dict:
+def load_samples(sample: SampleArtifact, image_shape, allow_empty: bool = False) -> dict:
+    """A sample set's image (N, H, W, C) uint8, label and per-image seed, shape-checked."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = sorted(sample.images_dir.glob("*.parquet"))
+    if not files and allow_empty:  # a plan with nothing to generate
+        return {"image": np.zeros((0, *image_shape), np.uint8), "label": np.zeros(0, np.int64),
+                "seed": np.zeros(0, np.int64)}
     if not files:
         raise DataError(f"no samples in {sample.images_dir}: rerun the sample stage")
-    images, labels = [], []
+    images, labels, seeds = [], [], []
     for f in files:
         table = pq.read_table(f)
         flat = table.column("image").combine_chunks()
@@ -147,7 +151,8 @@ def load_samples(sample: SampleArtifact, image_shape) -> dict:
                             f"{tuple(image_shape)} (H, W, C): sample and evaluate the same dataset")
         images.append(column_to_numpy(table.column("image"), tuple(image_shape)))
         labels.append(table.column("label").to_numpy().astype(np.int64))
-    return {"image": np.concatenate(images), "label": np.concatenate(labels)}
+        seeds.append(table.column("seed").to_numpy().astype(np.int64))
+    return {"image": np.concatenate(images), "label": np.concatenate(labels), "seed": np.concatenate(seeds)}
 
 
 def evaluate_features(gen_feats, gen_logits, gen_labels, real: dict, counts, cfg: Config) -> dict:
