@@ -23,9 +23,9 @@ sys.path.insert(0, str(REPO))
 
 
 def train_rate(steps: int, bf16: bool, channels_last: bool, batch: int = 128) -> float:
-    from models.classifier_training import classifier_step, make_classifier_state
-    from models.lt_losses import RECIPES, ClassifierLoss, EpochSchedule
-    from models.resnet import resnet32
+    from models.classify.training import classifier_step, make_classifier_state
+    from models.classify.lt_losses import RECIPES, ClassifierLoss, EpochSchedule
+    from models.classify.resnet import resnet32
 
     torch.manual_seed(0)
     net = resnet32(10, in_channels=1)
@@ -46,8 +46,8 @@ def train_rate(steps: int, bf16: bool, channels_last: bool, batch: int = 128) ->
 
 
 def predict_rate(bf16: bool, n: int = 4000) -> float:
-    from models.classifier_training import predict
-    from models.resnet import resnet32
+    from models.classify.training import predict
+    from models.classify.resnet import resnet32
 
     net = resnet32(10, in_channels=1)
     images = torch.randint(0, 256, (n, 28, 28, 1), dtype=torch.uint8)

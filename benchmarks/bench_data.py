@@ -32,11 +32,11 @@ def main() -> None:
 
     import ray
 
-    from models.resampling import epoch_plan
+    from models.data.resampling import epoch_plan
     from pipeline.config import ResampleConfig, load_config
-    from pipeline.data import run_data
-    from pipeline.resample import resampled_stream
-    from pipeline.shards import read_split
+    from pipeline.stages.s1_data import run_data
+    from pipeline.common.streams import resampled_stream
+    from pipeline.common.shards import read_split
 
     out = Path(tempfile.mkdtemp(prefix="taildiff-bench-"))
     t0 = time.perf_counter()

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.features import register_domain_extractor, save_domain_classifier, train_domain_classifier  # noqa: E402
-from models.longtail import long_tailed_counts, select_long_tailed  # noqa: E402
-from models.metrics import class_groups, frechet_distance  # noqa: E402
-from models.prd import max_f_beta_pair, prd_from_features  # noqa: E402
+from models.evaluation.features import register_domain_extractor, save_domain_classifier, train_domain_classifier  # noqa: E402
+from models.data.longtail import long_tailed_counts, select_long_tailed  # noqa: E402
+from models.evaluation.metrics import class_groups, frechet_distance  # noqa: E402
+from models.evaluation.prd import max_f_beta_pair, prd_from_features  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.sources import get_source  # noqa: E402
 

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.losses import ddpm_loss  # noqa: E402
-from models.schedule import NoiseSchedule  # noqa: E402
-from models.training import TrainHParams, make_train_state, train_step  # noqa: E402
-from models.unet import build_unet  # noqa: E402
+from models.methods.base import ddpm_loss  # noqa: E402
+from models.diffusion.schedule import NoiseSchedule  # noqa: E402
+from models.diffusion.training import TrainHParams, make_train_state, train_step  # noqa: E402
+from models.diffusion.unet import build_unet  # noqa: E402
 
 GFLOP_PER_IMAGE = 37.3  # DDPM CIFAR UNet, forward + backward, 32×32×3
 

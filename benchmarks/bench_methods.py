@@ -21,12 +21,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from models.images import to_model_space  # noqa: E402
-from models.longtail import long_tailed_counts  # noqa: E402
-from models.methods import MethodOptions, make_loss  # noqa: E402
-from models.schedule import NoiseSchedule  # noqa: E402
-from models.training import TrainHParams, make_train_state, train_step  # noqa: E402
-from models.unet import build_unet  # noqa: E402
+from models.data.images import to_model_space  # noqa: E402
+from models.data.longtail import long_tailed_counts  # noqa: E402
+from models.methods.registry import MethodOptions, make_loss  # noqa: E402
+from models.diffusion.schedule import NoiseSchedule  # noqa: E402
+from models.diffusion.training import TrainHParams, make_train_state, train_step  # noqa: E402
+from models.diffusion.unet import build_unet  # noqa: E402
 
 METHODS = ["ddpm", "t2h", "h2t", "oc_full", "diffrop", "reweight", "cbdm", "cbdm/separate", "cbdm+diffrop",
            "t2h+cbdm"]

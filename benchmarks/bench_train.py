@@ -23,11 +23,11 @@ sys.path.insert(0, str(REPO))
 
 
 def plain_loop(images, labels, steps, batch, bf16, threads):
-    from models.images import to_model_space
-    from models.losses import ddpm_loss
-    from models.schedule import NoiseSchedule
-    from models.training import TrainHParams, make_train_state, train_step
-    from models.unet import build_unet
+    from models.data.images import to_model_space
+    from models.methods.base import ddpm_loss
+    from models.diffusion.schedule import NoiseSchedule
+    from models.diffusion.training import TrainHParams, make_train_state, train_step
+    from models.diffusion.unet import build_unet
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -55,9 +55,9 @@ def main() -> None:
     import ray
 
     from pipeline.config import load_config
-    from pipeline.data import run_data
-    from pipeline.shards import read_split
-    from pipeline.train import run_train
+    from pipeline.stages.s1_data import run_data
+    from pipeline.common.shards import read_split
+    from pipeline.stages.s2_train import run_train
 
     out = Path(tempfile.mkdtemp(prefix="taildiff-bench-train-"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

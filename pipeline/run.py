@@ -1,26 +1,25 @@
 """taildiff's entry point: resolve the config, write it into the run folder, chain the stages.
 
     python pipeline/run.py --config configs/fmnist_lt.yaml [--set key=value ...] [--stages data] [--dry-run]
+    python pipeline/run.py tune --space tune_spaces/<file> ...      (pipeline/tuning/cli.py)
 
-Locally this starts a Ray instance of its own; under `ray job submit` (or with RAY_ADDRESS
-set) it joins that cluster.
+Each stage is one `run_<stage>(cfg, inputs) -> artifacts` in pipeline/stages/; this module only
+chains them. Locally it starts a Ray instance of its own; under `ray job submit` (or with
+RAY_ADDRESS set) it joins that cluster.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import from the repo root, not pipeline/
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from pipeline.config import DEFAULT_CONFIG, STAGES, Config, load_config  # noqa: E402
-from pipeline.errors import TaildiffError  # noqa: E402
+from pipeline.config import DEFAULT_CONFIG, STAGES, Config, load_config
+from pipeline.errors import TaildiffError
 
 log = logging.getLogger("taildiff")
+SUBCOMMANDS = {"tune": "pipeline.tuning.cli:main"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,30 +40,13 @@ def resolve(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def write_run_config(cfg: Config) -> Path:
-    from pipeline.data import writable_dir
+def write_run_config(cfg: Config, devices: dict | None = None) -> Path:
+    """config.json in the run folder: the resolved config, and (once Ray is up) the device choices."""
+    from pipeline.common.files import writable_dir, write_json
 
     run_dir = writable_dir(cfg.run_dir, "run folder")
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
-    os.replace(tmp, run_dir / "config.json")
+    write_json(run_dir / "config.json", {**cfg.to_dict(), **({"resolved_devices": devices} if devices else {})})
     return run_dir
-
-
-def init_ray(**local_options) -> None:
-    """Join the cluster of RAY_ADDRESS (also set inside `ray job submit`), else start a local Ray
-    (never a stray `ray start` cluster) with `local_options` for ray.init."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto", log_to_driver=False)
-    else:
-        ray.init(**{"address": "local", **local_options}, log_to_driver=False)
-    # Stage progress is reported by the stages themselves; Ray Data's per-dataset chatter is not.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def run(cfg: Config) -> dict:
@@ -73,35 +55,47 @@ def run(cfg: Config) -> dict:
     Each stage skips itself when its artifacts for this config exist. A later stage needs the
     earlier ones' artifacts, so asking for `sample` alone still makes sure data and train are done.
     """
-    from pipeline.data import run_data
+    from pipeline.common.devices import resolve_devices
+    from pipeline.common.ray_setup import init_ray
+    from pipeline.stages.s1_data import run_data
 
-    run_dir = write_run_config(cfg)  # before any work, so a failed run still says what it was
+    write_run_config(cfg)  # before any work, so a failed run still says what it was
     init_ray()
-    outputs: dict = {"data": run_data(cfg)}
+    devices = resolve_devices(cfg)  # `use_gpu: true` without GPUs stops here, before any work is placed
+    run_dir = write_run_config(cfg, devices)
+    outputs: dict = {"data": run_data(cfg), "devices": devices}
     stages = set(cfg.stages)
     needs_models = stages & {"train", "sample", "evaluate"} or ("classify" in stages and cfg.classify.synthetic != "none")
     if needs_models:
-        from pipeline.train import run_train
+        from pipeline.stages.s2_train import run_train
 
         outputs["train"] = run_train(cfg, outputs["data"])
     if stages & {"sample", "evaluate"}:
-        from pipeline.sample import run_sample
+        from pipeline.stages.s3_sample import run_sample
 
         outputs["sample"] = run_sample(cfg, outputs["data"], outputs["train"])
     if "evaluate" in stages:
-        from pipeline.evaluate import run_evaluate
+        from pipeline.stages.s4_evaluate import run_evaluate
 
         outputs["evaluate"] = run_evaluate(cfg, outputs["data"], outputs["sample"])
     if "classify" in stages:
-        from pipeline.classify import run_classify
+        from pipeline.stages.s5_classify import run_classify
 
         outputs["classify"] = run_classify(cfg, outputs["data"], outputs.get("train", {}))
     if "report" in stages:
-        from pipeline.report import run_report
+        from pipeline.stages.s6_report import run_report
 
         outputs["report"] = run_report(cfg, outputs)
-    summary = {"run_dir": str(run_dir), "dataset_dir": str(outputs["data"].path),
-               "data_reused": outputs["data"].skipped}
+    write_summary(run_dir, outputs)
+    return outputs
+
+
+def write_summary(run_dir: Path, outputs: dict) -> None:
+    """stages.json: what each stage produced and whether it was reused."""
+    from pipeline.common.files import write_json
+
+    summary = {"dataset_dir": str(outputs["data"].path), "data_reused": outputs["data"].skipped,
+               "run_dir": str(run_dir), "devices": outputs.get("devices")}
     for method, art in outputs.get("train", {}).items():
         summary.setdefault("models", {})[method] = {"path": str(art.path), "reused": art.skipped,
                                                     "step": art.metrics.get("step")}
@@ -117,19 +111,17 @@ def run(cfg: Config) -> dict:
                                                    "few_accuracy": art.metrics["last"]["few_accuracy"]}
     if outputs.get("report"):
         summary["report"] = str(outputs["report"])
-    tmp = run_dir / "stages.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, run_dir / "stages.json")
-    return outputs
+    write_json(run_dir / "stages.json", summary)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "tune":  # python pipeline/run.py tune --space tune_spaces/<file> --config ...
-        from pipeline.tune import main as tune_main
+    if argv and argv[0] in SUBCOMMANDS:  # python pipeline/run.py tune --space ... (and the other subcommands)
+        import importlib
 
-        return tune_main(argv[1:])
+        module, name = SUBCOMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), name)(argv[1:])
     args = parse_args(argv)
     try:
         cfg = resolve(args)

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.classifier_training import random_crop_flip, to_classifier_input
-from models.classify_metrics import classification_metrics, group_std, per_class_accuracy
-from models.lt_losses import (RECIPES, ClassifierLoss, EpochSchedule, class_balanced_weights, cross_entropy_loss,
+from models.classify.training import random_crop_flip, to_classifier_input
+from models.classify.metrics import classification_metrics, group_std, per_class_accuracy
+from models.classify.lt_losses import (RECIPES, ClassifierLoss, EpochSchedule, class_balanced_weights, cross_entropy_loss,
                               ldam_loss, ldam_margins, logit_adjusted_loss)
-from models.resnet import count_parameters, resnet32
+from models.classify.resnet import count_parameters, resnet32
 
 
 def test_resnet32_is_the_046m_cifar_network():

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from pipeline.classify import plan_arms, run_classify, synthetic_counts
-from pipeline.data import run_data
-from pipeline.report import run_report
-from pipeline.train import run_train
+from pipeline.stages.s5_classify import plan_arms, run_classify, synthetic_counts
+from pipeline.stages.s1_data import run_data
+from pipeline.stages.s6_report import run_report
+from pipeline.stages.s2_train import run_train
 
 TINY = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train.log_every=3", "train.checkpoint_every=3",
         "train.bf16=false", "sample.steps=3", "sample.batch_size=40", "sample.bf16=false", "classify.epochs=1",
@@ -113,8 +113,8 @@ def test_report_contains_every_table_and_image(classified):
 def test_confidence_filter_keeps_what_the_real_data_classifier_believes(tmp_path):
     import torch
 
-    from models.resnet import resnet32
-    from pipeline.classify import confidence_filter
+    from models.classify.resnet import resnet32
+    from pipeline.stages.s5_classify import confidence_filter
 
     net = resnet32(3, in_channels=1)
     with torch.no_grad():  # a classifier sure of class 0 (p ≈ 0.88) whatever the image

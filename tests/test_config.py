@@ -63,10 +63,14 @@ def test_missing_and_malformed_config_files(tmp_path):
         load_config(bad)
 
 
-def test_configs_written_before_a_key_rename_still_load():
-    from pipeline.config import config_from_dict, load_config
+def test_method_sections_come_from_the_registry():
+    """Each method's options dataclass is its config section: --set reaches it, validation is its own."""
+    from models.methods.registry import sections
 
-    raw = load_config().to_dict()
-    raw["classify"].pop("synthetic_recipes")
-    raw["classify"]["synthetic_recipe"] = "rs"  # as checkpoints of the first classify stage stored it
-    assert config_from_dict(raw).classify.synthetic_recipes == ("rs",)
+    cfg = load_config(None, ["cbdm.tau=0.5", "diffrop.form=hinge"])
+    assert set(sections()) <= set(cfg.to_dict()) and cfg.cbdm.tau == 0.5 and cfg.diffrop.form == "hinge"
+    assert type(cfg.cbdm) is sections()["cbdm"]
+    with pytest.raises(ConfigError, match="cbdm.label_set"):
+        load_config(None, ["train.methods=[cbdm]", "cbdm.label_set=bogus"])
+    with pytest.raises(ConfigError, match="did you mean cbdm.tau"):
+        load_config(None, ["cbdm.tua=1"])

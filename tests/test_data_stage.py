@@ -6,10 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.data as data_stage
-from pipeline.data import dataset_folder_name, load_dataset, run_data
+import pipeline.stages.s1_data as data_stage
+from pipeline.stages.s1_data import dataset_folder_name, run_data
+from pipeline.common.artifacts import load_dataset
 from pipeline.errors import DataError
-from pipeline.shards import read_split
+from pipeline.common.shards import read_split
 from fakes import requires_fmnist, write_fake_cifar, write_imagefolder
 
 MANIFEST_KEYS = {"dataset", "profile", "imb_factor", "class_counts", "class_names", "num_train",

@@ -4,13 +4,14 @@ import io
 import pytest
 import torch
 
-from models.images import to_model_space, to_uint8_images
-from models.losses import ddpm_loss
-from models.sampling import CFGDenoiser, ImageNoise, ddim_sample, ddim_timesteps, ddpm_sample
-from models.schedule import NoiseSchedule
-from models.training import (TrainHParams, checkpoint_state, drop_labels, make_train_state, restore_state,
+from models.data.images import to_model_space, to_uint8_images
+from models.methods.base import ddpm_loss
+from models.diffusion.guidance import CFGDenoiser, ImageNoise
+from models.diffusion.samplers import SAMPLERS, ddim_sample, ddim_timesteps, ddpm_sample, generate
+from models.diffusion.schedule import NoiseSchedule
+from models.diffusion.training import (TrainHParams, checkpoint_state, drop_labels, make_train_state, restore_state,
                              train_step)
-from models.unet import UNet, UNetConfig, build_unet, count_parameters
+from models.diffusion.unet import UNet, UNetConfig, build_unet, count_parameters
 
 TINY = dict(ch=32, ch_mult=(1, 2), attn_levels=(1,), num_res_blocks=1, dropout=0.0)
 
@@ -98,15 +99,16 @@ def _gaussian_eps(schedule, mu, s):
 def test_ddim_eta_one_is_ancestral_ddpm():
     """DDIM with η = 1 over all T steps is DDPM with the posterior variance, path by path, and
     both samplers recover the data marginals of a toy problem with the exact ε-predictor."""
-    schedule, mu, s, n = NoiseSchedule(), 0.1, 0.25, 4000  # inside [−1, 1]: samplers clip their output
+    schedule, mu, s, n = NoiseSchedule(), 0.1, 0.25, 2000  # inside [−1, 1]: samplers clip their output
     eps = _gaussian_eps(schedule, mu, s)
     y = torch.zeros(n, dtype=torch.long)
     small = ddpm_sample(eps, schedule, ImageNoise(range(n), (1, 1, 1)), y, variance="fixedsmall")
-    ddim = ddim_sample(eps, schedule, ImageNoise(range(n), (1, 1, 1)), y, steps=1000, eta=1.0, clip_x0=False)
+    ddim = ddim_sample(eps, schedule, ImageNoise(range(n), (1, 1, 1)), y, ddim_timesteps(1000, 1000), eta=1.0,
+                       clip_x0=False)
     assert torch.allclose(small, ddim, atol=1e-3)
     large = ddpm_sample(eps, schedule, ImageNoise(range(n, 2 * n), (1, 1, 1)), y)
-    ddim100 = ddim_sample(eps, schedule, ImageNoise(range(2 * n, 3 * n), (1, 1, 1)), y, steps=100, eta=1.0,
-                          clip_x0=False)
+    ddim100 = ddim_sample(eps, schedule, ImageNoise(range(2 * n, 3 * n), (1, 1, 1)), y, ddim_timesteps(1000, 100),
+                          eta=1.0, clip_x0=False)
     # Discrete reverse steps carry a known variance bias, small with all T steps: fixedsmall
     # (= DDIM η=1) under-, fixedlarge over-disperses; 100 strided steps under-disperse more.
     for samples, rel in ((large, 0.03), (small, 0.06), (ddim, 0.06), (ddim100, 0.12)):
@@ -119,11 +121,12 @@ def test_same_seed_same_image_at_any_batch_size():
     schedule = NoiseSchedule(T=100)
     den = CFGDenoiser(net, 1.0, net.null_label)
     seeds, labels = list(range(100, 108)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    for sampler, kw in ((ddim_sample, dict(steps=10, eta=0.5)), (ddpm_sample, {})):
-        batch8 = sampler(den, schedule, ImageNoise(seeds, (1, 8, 8)), labels, **kw)
-        singles = torch.cat([sampler(den, schedule, ImageNoise([sd], (1, 8, 8)), labels[i:i + 1], **kw)
+    for sampler in SAMPLERS:
+        kw = dict(sampler=sampler, steps=10, eta=0.5 if sampler == "ddim" else 0.0)
+        batch8 = generate(den, schedule, ImageNoise(seeds, (1, 8, 8)), labels, **kw)
+        singles = torch.cat([generate(den, schedule, ImageNoise([sd], (1, 8, 8)), labels[i:i + 1], **kw)
                              for i, sd in enumerate(seeds)])
-        assert torch.allclose(batch8, singles, atol=1e-4)
+        assert torch.allclose(batch8, singles, atol=1e-4), sampler
 
 
 def test_images_round_trip_through_model_space():

@@ -8,12 +8,12 @@ import pytest
 
 from conftest import REPO
 from pipeline.config import load_config
-from pipeline.data import run_data
+from pipeline.stages.s1_data import run_data
 from pipeline.errors import DataError, TaildiffError
-from pipeline.evaluate import run_evaluate
-from pipeline.sample import run_sample
-from pipeline.shards import tensor_array
-from pipeline.train import run_train
+from pipeline.stages.s4_evaluate import run_evaluate
+from pipeline.stages.s3_sample import run_sample
+from pipeline.common.shards import tensor_array
+from pipeline.stages.s2_train import run_train
 
 SETTINGS = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train.log_every=3",
             "train.checkpoint_every=3", "train.bf16=false", "sample.per_class=6", "sample.steps=4",
@@ -53,16 +53,18 @@ def test_evaluation_writes_metrics_table_and_plots(tiny_run):
 def test_real_images_score_as_real(tiny_run):
     """The same code on real held-out images: low FID, and no memorisation beyond the calibration rate."""
     cfg, data, samples = tiny_run
-    from pipeline.evaluate import Extractor, evaluate_features, real_features
+    from pipeline.common.features import Extractor, real_features
+    from models.evaluation.summary import generation_metrics
+    from pipeline.stages.s4_evaluate import metric_settings
 
     ext = Extractor(cfg, data)
     real = real_features(ext, cfg, data)
-    m = evaluate_features(real["test_feats"], real["test_logits"], real["test_labels"], real,
-                          data.manifest["class_counts"], cfg)
+    m = generation_metrics(real["test_feats"], real["test_logits"], real["test_labels"], real,
+                           data.manifest["class_counts"], **metric_settings(cfg))
     assert m["memorization"]["all"] <= 0.05 and m["precision"] > 0.6
     copies = real["train_feats"][:200]
-    m_copy = evaluate_features(copies, real["train_logits"][:200], real["train_labels"][:200], real,
-                               data.manifest["class_counts"], cfg)
+    m_copy = generation_metrics(copies, real["train_logits"][:200], real["train_labels"][:200], real,
+                                data.manifest["class_counts"], **metric_settings(cfg))
     assert m_copy["memorization"]["all"] == 1.0
 
 
@@ -92,7 +94,7 @@ def test_inception_extractor_on_a_fresh_weights_file(tiny_run, tmp_path):
     import torch
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from pipeline.evaluate import Extractor
+    from pipeline.common.features import Extractor
 
     class Fresh(FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, strict=True, assign=False):

@@ -5,7 +5,7 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 
-from models.features import (DomainNet, load_domain_classifier, register_domain_extractor, save_domain_classifier,
+from models.evaluation.features import (DomainNet, load_domain_classifier, register_domain_extractor, save_domain_classifier,
                              train_domain_classifier)
 from pipeline.sources import get_source
 from pipeline.config import DataConfig

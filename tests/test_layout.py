@@ -17,7 +17,7 @@ def test_models_never_import_ray():
 
 
 def test_sources_and_shard_reader_work_without_ray():
-    code = ("import sys; import pipeline.sources.fashion_mnist, pipeline.sources.digits, pipeline.shards\n"
+    code = ("import sys; import pipeline.sources.fashion_mnist, pipeline.sources.digits, pipeline.common.shards\n"
             "assert 'ray' not in sys.modules")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -28,3 +28,61 @@ def test_cluster_yaml_passes_rays_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text())))
+
+
+def _imports(path):
+    """Every pipeline/models module a file imports (module level and inside functions)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return {m for m in found if m.split(".")[0] in ("pipeline", "models")}
+
+
+def _module_graph():
+    modules = {}
+    for path in sorted((REPO / "pipeline").rglob("*.py")):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    return {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def test_pipeline_has_no_import_circles():
+    graph = _module_graph()
+    state: dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+
+
+def test_no_stage_imports_another_stage():
+    """Stages share artifact types and loaders through pipeline.common, never each other's modules."""
+    graph = _module_graph()
+    for name, deps in graph.items():
+        if name.startswith("pipeline.stages.s"):
+            own = name.split(".")[2].split("_")[0]  # s1, s2, ...
+            others = [d for d in deps if d.startswith("pipeline.stages.s") and d.split(".")[2].split("_")[0] != own]
+            assert not others, f"{name} imports {others}"
+        if name.startswith("pipeline.common"):
+            assert not [d for d in deps if d.startswith(("pipeline.stages", "pipeline.tuning"))], name
+
+
+def test_no_sys_path_edits():
+    for path in list((REPO / "pipeline").rglob("*.py")) + list((REPO / "models").rglob("*.py")):
+        assert "sys.path" not in path.read_text(), path

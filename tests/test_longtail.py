@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from models.longtail import (
+from models.data.longtail import (
     counts_by_label,
     long_tailed_counts,
     resolve_class_order,

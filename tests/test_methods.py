@@ -5,14 +5,18 @@ import pytest
 import torch
 from torch import nn
 
-from models.cbdm import cbdm_terms, label_set_probs
-from models.diffrop import diffrop_term, group_draws, pairwise_penalty, tau_of_t
-from models.losses import ddpm_loss
-from models.methods import METHODS, MethodOptions, class_weights, get_method, make_loss
-from models.oc import oc_target, selection_logits, transfer_probability_curve
-from models.schedule import NoiseSchedule
-from models.training import TrainHParams, make_train_state, train_step
-from models.unet import UNet, UNetConfig
+import dataclasses
+
+from models.methods.base import ddpm_loss
+from models.methods.cbdm import cbdm_terms, label_set_probs
+from models.methods.diffrop import (check_shared_draws, diffrop_term, paired_draws, pair_mask, pairwise_penalty,
+                                    tau_of_t)
+from models.methods.oc import oc_target, selection_logits, transfer_probability_curve
+from models.methods.registry import METHODS, default_options, make_loss, method_needs, method_parts, used_sections
+from models.methods.reweight import class_weights
+from models.diffusion.schedule import NoiseSchedule
+from models.diffusion.training import TrainHParams, make_train_state, train_step
+from models.diffusion.unet import UNet, UNetConfig
 
 SCHEDULE = NoiseSchedule()
 
@@ -38,9 +42,18 @@ def batch(B=6, seed=0, D=4):
     return x0, t, noise
 
 
-def loss_of(name, net, x0, y, counts, t, noise, seed=0, **opts):
-    fn = make_loss(name, MethodOptions(**opts), counts)
-    return fn(net, x0, y, SCHEDULE, t=t, noise=noise, generator=torch.Generator().manual_seed(seed))
+def options(**kw):
+    """Default options of every method section, with `section_field=value` overrides (cbdm_tau=0)."""
+    opts = default_options()
+    for key, value in kw.items():
+        section = next(s for s in opts if key.startswith(s + "_"))
+        opts[section] = dataclasses.replace(opts[section], **{key[len(section) + 1:]: value})
+    return opts
+
+
+def loss_of(name, net, x0, y, counts, t, noise, seed=0, inputs=None, **opts):
+    fn = make_loss(name, options(**opts), counts)
+    return fn(net, x0, y, SCHEDULE, t=t, noise=noise, generator=torch.Generator().manual_seed(seed), **(inputs or {}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +99,8 @@ def test_cbdm_stop_gradients_act_on_the_right_side():
     t, y, yp = torch.tensor([600]), torch.tensor([0]), torch.tensor([[1]])
     net = StubNet()
     eps = net(x_t, t, y)
-    terms = cbdm_terms(net, x_t, t, y, eps, yp, tau=1.0, gamma=0.25, T=1000, null_label=3)
+    eps_prime = net(x_t, t, yp[0])[None]  # (K=1, B, ...)
+    terms = cbdm_terms(eps, eps_prime, t, y != 3, tau=1.0, gamma=0.25, T=1000)
     (terms["cbdm_reg"] + terms["cbdm_commit"]).sum().backward()
     with torch.no_grad():
         e0, e1 = net(x_t, t, y).item(), net(x_t, t, yp[0]).item()
@@ -126,7 +140,8 @@ def test_cbdm_optimum_is_the_oc_papers_appendix_d_identity():
     for _ in range(1500):
         opt.zero_grad()
         pred = net(x_t, t, y)
-        terms = cbdm_terms(net, x_t, t, y, pred, yp, tau=1.0, gamma=0.0, T=1000, null_label=3)
+        eps_prime = torch.stack([net(x_t, t, yp[k]) for k in range(2)])
+        terms = cbdm_terms(pred, eps_prime, t, y != 3, tau=1.0, gamma=0.0, T=1000)
         ((pred - eps).pow(2).mean() + terms["cbdm_reg"].sum()).backward()
         opt.step()
     w = 0.8
@@ -219,56 +234,110 @@ def test_transfer_probability_rises_with_t():
 
 
 # ---------------------------------------------------------------------------------------------
-# DiffROP (Eq. 11–15, Alg. 1)
+# DiffROP (Eq. 7–15, Alg. 1)
 
 
-def test_diffrop_pairs_only_different_labels_at_shared_t_and_eps():
-    x0, _, _ = batch(B=4)
-    t = torch.tensor([300, 300, 700, 700])
-    e = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(3))
-    noise = torch.stack([e[0], e[0], e[1], e[1]])
-    y = torch.tensor([0, 1, 1, 1])  # pair (0, 1) counts; (2, 3) share a label
-    mean = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(4))
-    term = diffrop_term(mean, y, t, noise, T=1000, form="reciprocal", tau0=1.0, temperature=1.0)
-    d01 = (mean[0] - mean[1]).pow(2).mean()
-    expected = math.exp(-0.3) / (1 + d01.item())
-    assert term[0].item() == pytest.approx(expected, rel=1e-5) and term[1].item() == pytest.approx(expected, rel=1e-5)
-    assert term[2] == 0 and term[3] == 0
+def _view(B, groups, seed=3, D=4):
+    """Caller-given paired-view draws: group ids, one (t, ε) per group."""
+    group = torch.tensor(groups)
+    g = torch.Generator().manual_seed(seed)
+    t_g = torch.randint(0, 1000, (int(group.max()) + 1,), generator=g)
+    e_g = torch.randn(int(group.max()) + 1, 1, D, D, generator=g)
+    return group, t_g[group], e_g[group]
+
+
+def test_diffrop_sums_over_partners_of_other_classes_in_the_group():
+    mean = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    y, group = torch.tensor([0, 1, 2, 1, 0]), torch.tensor([0, 0, 0, 0, 1])
+    t = torch.full((5,), 300)
+    term = diffrop_term(mean, y, group, t, T=1000, form="reciprocal", tau0=1.0, temperature=1.0)
+    d = lambda i, j: (mean[i] - mean[j]).pow(2).sum().item()  # noqa: E731 - summed over pixels (Alg. 1)
+    tau = math.exp(-0.3)
+    assert term[0].item() == pytest.approx(tau * (1 / (1 + d(0, 1)) + 1 / (1 + d(0, 2)) + 1 / (1 + d(0, 3))), rel=1e-5)
+    assert term[1].item() == pytest.approx(tau * (1 / (1 + d(1, 0)) + 1 / (1 + d(1, 2))), rel=1e-5)  # not 3: same class
+    assert term[4] == 0  # alone in its group
 
 
 @pytest.mark.parametrize("form, f", [("neg_l2", lambda d: -d), ("hinge", lambda d: max(0.0, 2.0 - d)),
                                      ("reciprocal", lambda d: 1 / (1 + d)), ("exponential", lambda d: math.exp(-d))])
-def test_diffrop_forms_and_tau_by_hand(form, f):
-    x0, _, _ = batch(B=2)
-    t = torch.tensor([250, 250])
-    noise = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(1)).expand(2, -1, -1, -1)
+def test_diffrop_forms_and_tau_by_hand_through_the_loss(form, f):
+    x0, t, noise = batch(B=2)
+    group, tp, ep = _view(2, [0, 0])
     y = torch.tensor([0, 2])
     net = StubNet()
-    out = loss_of("diffrop", net, x0, y, [5, 5, 5], t, noise, diffrop_form=form, diffrop_tau0=0.5,
-                  diffrop_temperature=0.25, diffrop_margin=2.0)
-    x_t = SCHEDULE.q_sample(x0, t, noise)
-    eps = net(x_t, t, y)
-    a_t, b_t, ab = 1 - SCHEDULE.betas[250], SCHEDULE.betas[250], SCHEDULE.alpha_bar[250]
-    mu = (x_t - b_t / (1 - ab).sqrt() * eps) / a_t.sqrt()  # DDPM Eq. 11 posterior mean
-    d = (mu[0] - mu[1]).pow(2).mean().item()
-    tau = 0.5 * math.exp(-0.25 / 0.25)
+    out = loss_of("diffrop", net, x0, y, [5, 5, 5], t, noise, inputs={"diffrop_pairs": (group, tp, ep)},
+                  diffrop_form=form, diffrop_tau0=0.5, diffrop_temperature=0.25, diffrop_margin=2.0)
+    x_t = SCHEDULE.q_sample(x0, tp, ep)
+    eps = net(x_t, tp, y)
+    s = int(tp[0])
+    a_t, b_t, ab = 1 - SCHEDULE.betas[s], SCHEDULE.betas[s], SCHEDULE.alpha_bar[s]
+    mu = (x_t - b_t / (1 - ab).sqrt() * eps) / a_t.sqrt()  # Eq. 9
+    d = (mu[0] - mu[1]).pow(2).sum().item()
+    tau = 0.5 * math.exp(-(s / 1000) / 0.25)
     assert out["diffrop"][0].item() == pytest.approx(tau * f(d), rel=1e-4, abs=1e-7)
     assert tau_of_t(torch.tensor([0]), 1000, 0.5, 0.25).item() == pytest.approx(0.5)
+    # the DDPM term keeps the main view's own independent draws
+    assert torch.allclose(out["mse"], ddpm_loss(net, x0, y, SCHEDULE, t=t, noise=noise)["mse"])
+
+
+def test_diffrop_kl_distance_carries_eq8s_one_over_two_sigma_squared():
+    x0, t, noise = batch(B=2)
+    view = _view(2, [0, 0])
+    net = StubNet()
+    kw = dict(inputs={"diffrop_pairs": view}, diffrop_form="neg_l2", diffrop_tau0=1.0)
+    l2 = loss_of("diffrop", net, x0, torch.tensor([0, 1]), [5, 5, 5], t, noise, **kw)["diffrop"]
+    kl = loss_of("diffrop", net, x0, torch.tensor([0, 1]), [5, 5, 5], t, noise, diffrop_distance="kl", **kw)["diffrop"]
+    beta = SCHEDULE.betas[view[1][0]].item()
+    assert torch.allclose(kl, l2 / (2 * beta), rtol=1e-4)
+
+
+def test_diffrop_posterior_margin_is_inactive_when_the_model_is_the_data():
+    """Eq. 15's D_t from the true posteriors: a model whose means equal them pays nothing."""
+    x0, t, noise = batch(B=4)
+    group, tp, ep = _view(4, [0, 0, 1, 1])
+
+    class Oracle(nn.Module):  # predicts the true ε of the paired view's x_t
+        null_label = 3
+
+        def forward(self, x, t_, y):
+            ab = SCHEDULE.alpha_bar[t_].view(-1, 1, 1, 1)
+            return (x - ab.sqrt() * x0.repeat(len(x) // len(x0), 1, 1, 1)) / (1 - ab).sqrt()
+
+    out = loss_of("diffrop", Oracle(), x0, torch.tensor([0, 1, 2, 0]), [5, 5, 5], tp, ep,
+                  inputs={"diffrop_pairs": (group, tp, ep)}, diffrop_form="hinge", diffrop_margin_schedule="posterior")
+    assert out["diffrop"].abs().max().item() < 1e-3
+    assert (out["diffrop_pairs"] > 0).all()
+
+
+def test_diffrop_refuses_pairs_that_do_not_share_t_and_noise():
+    group, t, noise = _view(4, [0, 0, 1, 1])
+    check_shared_draws(group, t, noise)
+    iid_t = t.clone()
+    iid_t[1] = (iid_t[1] + 1) % 1000  # i.i.d. draws inside a group: Eq. 12's pairs do not exist
+    with pytest.raises(ValueError, match="share t and"):
+        check_shared_draws(group, iid_t, noise)
+    x0, _, _ = batch(B=1)
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_draws(x0, 1000, 8)
+
+
+def test_paired_draws_share_t_and_noise_within_random_groups():
+    x0 = torch.zeros(10, 1, 2, 2)
+    group, t, noise = paired_draws(x0, 1000, 4, torch.Generator().manual_seed(0))
+    assert torch.bincount(group).tolist() == [4, 4, 2]
+    for g in range(3):
+        idx = (group == g).nonzero().flatten()
+        assert (t[idx] == t[idx[0]]).all() and all(torch.equal(noise[i], noise[idx[0]]) for i in idx)
+    assert group.tolist() != sorted(group.tolist())  # the grouping is drawn, not the batch order
+    assert pair_mask(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 0])).sum() == 4
 
 
 def test_diffrop_negative_l2_pushes_means_apart():
     mean = torch.tensor([[0.0], [0.1]], requires_grad=True)
-    term = diffrop_term(mean, torch.tensor([0, 1]), torch.tensor([0, 0]), torch.zeros(2, 1), T=1000, form="neg_l2")
+    term = diffrop_term(mean, torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([0, 0]), T=1000, form="neg_l2")
     term.sum().backward()
     assert mean.grad[0].item() > 0 and mean.grad[1].item() < 0  # descent moves them apart
     assert pairwise_penalty(torch.tensor([3.0]), "hinge", 2.0).item() == 0.0
-
-
-def test_group_draws_share_t_and_noise():
-    x0 = torch.zeros(10, 1, 2, 2)
-    t, noise = group_draws(x0, 1000, 4, torch.Generator().manual_seed(0))
-    assert t[0] == t[3] and torch.equal(noise[4], noise[7]) and torch.equal(noise[8], noise[9])
-    assert not torch.equal(noise[3], noise[4])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,12 +357,15 @@ def test_reweighting_is_inverse_frequency_with_unit_mean():
 
 
 def test_composition_and_bad_combinations():
-    spec = get_method("t2h+cbdm")
-    assert spec.oc_mode == "t2h" and spec.regularisers == ("cbdm",)
-    assert get_method("cbdm+diffrop+rs").resample == "balanced"
+    opts = default_options()
+    assert [m.name for m in method_parts("t2h+cbdm")] == ["t2h", "cbdm"]
+    assert used_sections("t2h+cbdm") == {"oc", "cbdm"} and used_sections("rs") == set()
+    assert method_needs("cbdm+diffrop+rs", opts).resample == "balanced"
+    assert method_needs("t2h", {**opts, "oc": dataclasses.replace(opts["oc"], batch_resample=True)}).resample == \
+        "balanced_batch"
     for bad in ("t2h+h2t", "rs+rs_sqrt", "cbdm+magic", ""):
         with pytest.raises(ValueError):
-            get_method(bad)
+            make_loss(bad, opts, [3, 2, 1])
 
 
 @pytest.mark.parametrize("name", sorted(METHODS) + ["t2h+cbdm", "cbdm+diffrop"])
@@ -302,7 +374,7 @@ def test_every_method_trains_two_steps_through_train_step(name):
     net = UNet(UNetConfig(in_channels=1, num_classes=3, ch=32, ch_mult=(1, 2), attn_levels=(1,), num_res_blocks=1))
     hp = TrainHParams(lr=1e-3, warmup_steps=1, p_uncond=0.2)
     state = make_train_state(net, hp, seed=0)
-    loss_fn = make_loss(name, MethodOptions(diffrop_group_size=4), [40, 10, 3])
+    loss_fn = make_loss(name, options(diffrop_group_size=4), [40, 10, 3], T=100)
     x0 = torch.rand(8, 1, 8, 8) * 2 - 1
     y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 0])
     before = [p.detach().clone() for p in state.net.parameters()]
@@ -314,7 +386,7 @@ def test_every_method_trains_two_steps_through_train_step(name):
 def test_unconditional_oc_gates_on_the_data_labels():
     """Unconditional training feeds the null label; T2H still gates by the samples' true classes."""
     counts = torch.tensor([60, 20, 5, 1])
-    fn = make_loss("t2h", MethodOptions(), counts.tolist())
+    fn = make_loss("t2h", default_options(), counts.tolist())
     net = StubNet(num_classes=4)
     moved = 0
     for seed in range(20):
@@ -342,12 +414,3 @@ def test_oc_selection_stays_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = selection_logits(x0, x_t, t, SCHEDULE.alpha_bar)
     assert under.dtype == torch.float32 and torch.allclose(plain, under)
-
-
-def test_diffrop_label_dropped_samples_form_no_pairs():
-    t = torch.zeros(3, dtype=torch.long)
-    noise = torch.zeros(3, 1)
-    mean = torch.tensor([[0.0], [1.0], [3.0]])
-    term = diffrop_term(mean, torch.tensor([0, 1, 2]), t, noise, T=1000, form="neg_l2", tau0=1.0,
-                        valid=torch.tensor([True, True, False]))
-    assert term[2] == 0 and term[0].item() == pytest.approx(-1.0) and term[1].item() == pytest.approx(-1.0)

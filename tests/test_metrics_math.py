@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from models.longtail import long_tailed_counts
-from models.metrics import class_groups, frechet_distance, memorization_rate, memorization_threshold
-from models.prd import max_f_beta_pair, prd_curve, prd_from_features
+from models.data.longtail import long_tailed_counts
+from models.evaluation.metrics import class_groups, frechet_distance, memorization_rate, memorization_threshold
+from models.evaluation.prd import max_f_beta_pair, prd_curve, prd_from_features
 
 
 def test_thirds_groups_for_cifar10_and_cifar100():

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from models.resampling import class_probabilities, epoch_plan
+from models.data.resampling import class_probabilities, epoch_plan
 from pipeline.config import ResampleConfig
-from pipeline.data import run_data
-from pipeline.resample import resampled_stream
-from pipeline.shards import read_split
+from pipeline.stages.s1_data import run_data
+from pipeline.common.streams import resampled_stream
+from pipeline.common.shards import read_split
 
 
 @pytest.fixture(scope="module")

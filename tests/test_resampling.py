@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from models.longtail import long_tailed_counts
-from models.resampling import MODES, allocate, class_probabilities, epoch_plan
+from models.data.longtail import long_tailed_counts
+from models.data.resampling import MODES, allocate, class_probabilities, epoch_plan
 
 FMNIST_LT = long_tailed_counts(6000, 10, "exp", 0.01)  # 14,886 rows
 

@@ -7,14 +7,17 @@ import pytest
 import torch
 
 from conftest import REPO
-from models.sampling import CFGDenoiser, ImageNoise, ddim_sample
-from models.images import to_uint8_images
+from models.diffusion.guidance import CFGDenoiser, ImageNoise
+from models.diffusion.samplers import generate
+from models.data.images import to_uint8_images
 from pipeline.config import load_config
-from pipeline.data import run_data
+from pipeline.stages.s1_data import run_data
 from pipeline.errors import TaildiffError
-from pipeline.sample import plan_counts, run_sample
-from pipeline.shards import column_to_numpy
-from pipeline.train import latest_progress, load_model, make_schedule, run_train
+from pipeline.stages.s3_sample import plan_counts, run_sample
+from pipeline.common.shards import column_to_numpy
+from pipeline.common.launcher import latest_progress
+from pipeline.common.artifacts import load_model, make_schedule
+from pipeline.stages.s2_train import run_train
 
 TINY = ["model.image_size=8", "train.batch_size=16", "train.num_workers=2", "train.cpus_per_worker=0.5",
         "train.log_every=3", "train.checkpoint_every=3", "train.bf16=false", "sample.per_class=2",
@@ -71,8 +74,8 @@ def test_sampling_stage_writes_reproducible_images(ray_session, workdir):
     net, run_cfg, manifest = load_model(models["ddpm"].weights)
     den = CFGDenoiser(net, 1.5, net.null_label)
     i = 13
-    x = ddim_sample(den, make_schedule(run_cfg), ImageNoise([int(seeds[i])], (1, 8, 8)),
-                    torch.tensor([int(labels[i])]), steps=5)
+    x = generate(den, make_schedule(run_cfg), ImageNoise([int(seeds[i])], (1, 8, 8)),
+                 torch.tensor([int(labels[i])]), sampler="ddim", steps=5)
     assert np.abs(to_uint8_images(x, 8, 8)[0].numpy().astype(int) - images[i].astype(int)).max() <= 1
     assert run_sample(cfg, data, models)["ddpm"].skipped  # rerun skips
 
@@ -93,7 +96,7 @@ def test_non_finite_loss_stops_with_a_clear_error(ray_session, tmp_path):
         "train.checkpoint_every=1", "train.lr=1e12", "train.warmup_steps=0", "train.grad_clip=1e30",
         "train.max_failures=0"])
     data = run_data(cfg)
-    with pytest.raises(TaildiffError, match="non-finite loss .* last good checkpoint is kept"):
+    with pytest.raises(TaildiffError, match=r"diverged: loss (nan|inf|-inf) .*last good checkpoint \(ddpm, step \d+\) is kept"):
         run_train(cfg, data)
     storage = next((cfg.run_dir / "train" / "ray").iterdir())
     good = latest_progress(storage)

@@ -8,12 +8,12 @@ import pytest
 import yaml
 
 from conftest import REPO
-from models.methods import METHODS, get_method
+from models.methods.registry import METHODS, method_parts
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.tune_space import load_space, point_config, sample_points
+from pipeline.tuning.space import load_space, point_config, sample_points
 from pipeline.errors import TaildiffError
-from pipeline.tune_train import check_trial_fits, max_concurrent
+from pipeline.tuning.train_sweep import check_trial_fits, max_concurrent
 
 SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))
 TINY = ["model.image_size=8", "train.steps=4", "train.batch_size=16", "train.log_every=2",
@@ -41,7 +41,7 @@ def test_every_space_samples_valid_configs(path):
             got = getattr(getattr(cfg, section), name)
             assert got == (tuple(value.split(",")) if isinstance(got, tuple) and isinstance(value, str) else value)
         for method in cfg.train.methods:
-            get_method(method)
+            method_parts(method)
     if path.stem == "guidance":
         omegas = yaml.safe_load(path.read_text())["space"]["sample.omega"]["grid"]
         assert omegas == pytest.approx([0.2 * i for i in range(11)])
@@ -96,7 +96,7 @@ def tune_ray():
     was_running = ray.is_initialized()
     if was_running:
         ray.shutdown()
-    from pipeline.tune import local_ray_options
+    from pipeline.tuning.cli import local_ray_options
 
     ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, **local_ray_options())
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -117,7 +117,7 @@ def _free_cpus_back(ray, start: float, timeout: float = 30.0) -> float:
 
 
 def test_training_sweep_two_trials_early_stop_frees_cpus(tune_ray, tmp_path):
-    from pipeline.tune import run_tune
+    from pipeline.tuning.cli import run_tune
 
     base = load_config(REPO / "configs" / "digits_lt.yaml", [f"output_dir={tmp_path}", *TINY, "train.steps=30"])
     space_file = tmp_path / "cbdm_tiny.yaml"
@@ -147,11 +147,11 @@ def test_training_sweep_two_trials_early_stop_frees_cpus(tune_ray, tmp_path):
 
 
 def test_guidance_sweep_three_omegas_best_yaml_round_trips(tune_ray, tmp_path):
-    from pipeline.data import run_data
+    from pipeline.stages.s1_data import run_data
     from pipeline.run import main as run_main
-    from pipeline.sample import run_sample
-    from pipeline.train import run_train
-    from pipeline.tune import run_tune
+    from pipeline.stages.s3_sample import run_sample
+    from pipeline.stages.s2_train import run_train
+    from pipeline.tuning.cli import run_tune
 
     cfg = load_config(REPO / "configs" / "digits_lt.yaml", [f"output_dir={tmp_path}", *TINY])
     data = run_data(cfg)

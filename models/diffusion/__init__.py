@@ -1,0 +1,1 @@
+"""The diffusion model itself: noise schedule, UNet, one optimisation step, samplers, guidance."""

@@ -1,0 +1,1 @@
+"""The long-tail methods: one module per method, one registry (models/methods/registry.py)."""

@@ -1,0 +1,63 @@
+"""`use_gpu: auto | true | false` resolved against the Ray cluster, and the per-device choices.
+
+auto   GPUs when the cluster has any, else CPUs;
+true   GPUs, and a cluster without one stops with one line (before any work is placed);
+false  CPUs.
+The resolved choice (and the precision / memory format / optimiser it implies) is written into
+the run's config.json and the report, so a number always says where it was computed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pipeline.errors import ConfigError
+
+
+def resolve_use_gpu(setting, cluster_gpus: float, what: str) -> bool:
+    """The GPU decision of one section. `cluster_gpus`: ray.cluster_resources().get("GPU", 0)."""
+    if setting == "auto":
+        return cluster_gpus > 0
+    if setting is True and cluster_gpus <= 0:
+        raise ConfigError(f"{what}.use_gpu=true but the Ray cluster has no GPU: set {what}.use_gpu=auto (or false), "
+                          "or start Ray on a machine with GPUs")
+    return bool(setting)
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """What a section runs with once its device is known."""
+
+    use_gpu: bool
+    bf16: bool  # autocast in bfloat16 (CPUs: as configured; GPUs: on when the section asks for it)
+    channels_last: bool
+    fused_optimizer: bool  # fused Adam / SGD kernels exist on CUDA only
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_choice(use_gpu: bool, bf16: bool, channels_last: bool | None = None) -> DeviceChoice:
+    """channels_last helps convolutions on CUDA tensor cores and did not on the CPUs measured here
+    (benchmarks/bench_train.py), so `None` picks it per device; fused optimisers are CUDA-only."""
+    return DeviceChoice(use_gpu=use_gpu, bf16=bf16, channels_last=use_gpu if channels_last is None else channels_last,
+                        fused_optimizer=use_gpu)
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def resolve_devices(cfg) -> dict:
+    """Every section's resolved device choice, for config.json and the report."""
+    gpus = cluster_gpus()
+    out = {}
+    for section in ("train", "sample", "evaluate", "classify"):
+        sec = getattr(cfg, section)
+        gpu = resolve_use_gpu(sec.use_gpu, gpus, section)
+        bf16 = getattr(sec, "bf16", False)
+        channels = getattr(sec, "channels_last", None) if section == "train" else None
+        out[section] = device_choice(gpu, bf16, channels or None).as_dict()
+    out["cluster_gpus"] = gpus
+    return out

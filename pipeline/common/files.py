@@ -1,0 +1,38 @@
+"""Writing files so that nothing is left half-written: temp path, then rename."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from pipeline.errors import DataError
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """Create `path` (and parents) and prove it is writable, or fail with the fix."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(
+            f"{what} {path} is not writable ({exc.strerror or exc}): pass --set output_dir=<a writable folder>"
+        ) from None
+    return path
+
+
+def write_json(path: Path, obj, indent: int = 2) -> None:
+    """JSON written to a temp file beside `path`, then renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, default=str))
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

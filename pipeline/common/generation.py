@@ -1,0 +1,201 @@
+"""Class-conditional generation on a Ray Data actor pool from a model's EMA weights: the sample
+stage's evaluation sets and the classify stage's augmentation sets both come from here.
+
+Each actor loads the model once (one actor per GPU, or per CPU slot). The plan is a table of
+(label, k, seed) rows; every image's noise comes from its own seed, so a sample does not depend
+on batch size, actor count or device. A set lands in `samples/<folder>/`:
+  images/part-NNNNN.parquet   image (H, W, C) uint8, label, k, seed
+  grid.png                    a row per class
+  manifest.json               what produced it (its key), counts, sampler, seconds
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from models.seeding import derive_seed
+from pipeline.common.artifacts import DatasetArtifact, ModelArtifact, SampleArtifact
+from pipeline.common.files import write_json
+from pipeline.config import Config, stable_hash
+
+log = logging.getLogger("taildiff.sample")
+
+
+def plan_rows(counts: list[int], seed: int, tag: str) -> dict[str, np.ndarray]:
+    """(label, k, seed) of every image: image k of class c has seed f(run seed, tag, c, k)."""
+    labels = np.repeat(np.arange(len(counts)), counts).astype(np.int64)
+    ks = np.concatenate([np.arange(n) for n in counts]).astype(np.int64) if counts else np.zeros(0, np.int64)
+    seeds = np.array([derive_seed(seed, "sample", tag, int(c), int(k)) for c, k in zip(labels, ks)], dtype=np.int64)
+    return {"label": labels, "k": ks, "seed": seeds}
+
+
+class SamplerActor:
+    """Holds one model; turns batches of plan rows into uint8 images."""
+
+    def __init__(self, weights: str, sample_cfg: dict, threads: int | None, use_gpu: bool):
+        import torch
+
+        from models.diffusion.guidance import CFGDenoiser
+        from pipeline.common.artifacts import load_model, make_schedule
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = dict(sample_cfg)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        net, run_cfg, manifest = load_model(Path(weights), self.device)
+        self.schedule = make_schedule(run_cfg)
+        self.size = run_cfg.model.image_size
+        self.height, self.width, self.channels = manifest["image_shape"]
+        dtype = torch.bfloat16 if self.cfg["bf16"] else None
+        self.denoiser = CFGDenoiser(net, self.cfg["omega"], net.null_label, autocast_dtype=dtype)
+        self.key = self.cfg.get("progress_key")
+        self.done = 0
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from models.data.images import to_uint8_images
+        from models.diffusion.guidance import ImageNoise
+        from models.diffusion.samplers import generate
+
+        noise = ImageNoise(batch["seed"].tolist(), (self.channels, self.size, self.size), self.device)
+        y = torch.as_tensor(batch["label"], device=self.device)
+        x = generate(self.denoiser, self.schedule, noise, y, sampler=self.cfg["sampler"], steps=self.cfg["steps"],
+                     eta=self.cfg["eta"], clip_x0=self.cfg["clip_x0"])
+        images = to_uint8_images(x.float(), self.height, self.width).cpu().numpy()  # (b, H, W, C)
+        return {"image": images, "label": batch["label"], "k": batch["k"], "seed": batch["seed"]}
+
+
+def sample_key(sample_cfg, model: ModelArtifact, counts: list[int], seed: int) -> str:
+    """What shapes a set: the sample section (minus placement), the counts, the model's weights."""
+    s = dataclasses.asdict(sample_cfg)
+    for name in ("batch_size", "num_actors", "use_gpu", "grid_per_class"):
+        s.pop(name, None)
+    return stable_hash({"sample": s, "counts": counts, "seed": seed, "model_step": model.metrics.get("step"),
+                        "model": str(model.weights), "model_mtime": os.path.getmtime(model.weights)})
+
+
+def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, counts: list[int], folder: str,
+                 seed_tag: str, use_gpu: bool = False) -> SampleArtifact:
+    """`counts` images per class from `model` with `cfg.sample` into samples/<folder>/ (reused when its
+    key matches). Image k of class c starts from the noise of seed f(run seed, seed_tag, c, k): the
+    same for every method of a run (paired comparisons), different between tags (the evaluation set
+    and the augmentation set of one model are different images)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline.common.progress import LocalProgress
+    from pipeline.common.shards import tensor_array
+
+    s = cfg.sample
+    counts = [int(c) for c in counts]
+    out = (cfg.run_dir / "samples" / folder).resolve()
+    key = sample_key(s, model, counts, cfg.seed) + f"-{seed_tag}"
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
+        log.info("sample[%s]: reusing %s", folder, out)
+        return SampleArtifact(model.method, out, sum(counts), skipped=True)
+
+    rows = plan_rows(counts, cfg.seed, seed_tag)
+    total = len(rows["label"])
+    tmp = out.parent / f".tmp-{folder}-{uuid.uuid4().hex[:8]}"
+    (tmp / "images").mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        if total:
+            ds = _plan_dataset(rows, s.batch_size)
+            free = max(1, int(ray.available_resources().get("CPU", 1)))
+            threads = None if use_gpu else max(1, free // s.num_actors)
+            images = ds.map_batches(
+                SamplerActor,
+                fn_constructor_kwargs={"weights": str(model.weights), "sample_cfg": dataclasses.asdict(s),
+                                       "threads": threads, "use_gpu": use_gpu},
+                compute=ray.data.ActorPoolStrategy(size=s.num_actors),
+                batch_size=s.batch_size,
+                num_gpus=1 if use_gpu else 0,
+                num_cpus=0 if use_gpu else 1,
+                batch_format="numpy",
+            )
+            progress = LocalProgress(f"sample/{folder}", total, "img")
+            done, shard = 0, 0
+            for batch in images.iter_batches(batch_size=None, batch_format="numpy"):
+                table = pa.table({"image": tensor_array(batch["image"]), "label": pa.array(batch["label"]),
+                                  "k": pa.array(batch["k"]), "seed": pa.array(batch["seed"])})
+                pq.write_table(table, tmp / "images" / f"part-{shard:05d}.parquet")
+                shard, done = shard + 1, done + len(batch["label"])
+                progress.update(len(batch["label"]))
+            progress.close()
+        grid = write_grid(tmp / "images", data.manifest, tmp / "grid.png", s.grid_per_class,
+                          title=f"{cfg.name}: {model.method}, {s.sampler}-{s.steps} ω={s.omega}")
+        manifest = {"method": model.method, "key": key, "seed_tag": seed_tag, "counts": counts, "num_images": total,
+                    "sample": dataclasses.asdict(s), "use_gpu": use_gpu, "model": str(model.weights), "grid": grid,
+                    "seconds": round(time.perf_counter() - started, 2), "image_shape": data.manifest["image_shape"],
+                    "class_names": data.manifest["class_names"]}
+        write_json(tmp / "manifest.json", manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("sample[%s]: %d images in %.1f s -> %s", folder, total, time.perf_counter() - started, out)
+    return SampleArtifact(model.method, out, total, skipped=False)
+
+
+def _plan_dataset(rows: dict[str, np.ndarray], batch_size: int):
+    """The plan as a Ray Dataset, one block per sampling batch so work spreads over the pool."""
+    import pyarrow as pa
+    import ray
+
+    n = len(rows["label"])
+    tables = [pa.table({k: v[i:i + batch_size] for k, v in rows.items()}) for i in range(0, n, batch_size)]
+    return ray.data.from_arrow(tables)
+
+
+def write_grid(images_dir: Path, manifest: dict, out: Path, per_class: int, title: str,
+               classes: list[int] | None = None) -> str | None:
+    """A PNG with one row per class (its first `per_class` samples by k), labelled with class names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.common.shards import column_to_numpy
+
+    files = sorted(images_dir.glob("*.parquet"))
+    if not files or per_class <= 0:
+        return None
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    images = column_to_numpy(table.column("image"), tuple(manifest["image_shape"]))
+    labels, ks = table.column("label").to_numpy(), table.column("k").to_numpy()
+    names = manifest["class_names"]
+    rows = list(range(len(names))) if classes is None else list(classes)
+    H, W, C = manifest["image_shape"]
+    per_class = min(per_class, int(np.bincount(labels).max()))
+    canvas = np.full((len(rows) * (H + 2), per_class * (W + 2), C), 255, np.uint8)
+    for r, c in enumerate(rows):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.argsort(ks[idx])][:per_class]
+        for j, i in enumerate(idx):
+            canvas[r * (H + 2) + 1:r * (H + 2) + 1 + H, j * (W + 2) + 1:j * (W + 2) + 1 + W] = images[i]
+    scale = max(1.0, 48.0 / H) * 0.5
+    fig, ax = plt.subplots(figsize=(per_class * (W + 2) * scale / 40 + 1.8, len(rows) * (H + 2) * scale / 40 + 0.6))
+    ax.imshow(canvas.squeeze(-1) if C == 1 else canvas, cmap="gray" if C == 1 else None, interpolation="nearest")
+    ax.set_yticks([r * (H + 2) + H / 2 for r in range(len(rows))],
+                  [f"{names[c]} ({manifest['class_counts'][c]})" for c in rows], fontsize=7)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out.name

@@ -1,0 +1,42 @@
+"""Starting or joining Ray, and keeping its console output to what applies to the user's run."""
+from __future__ import annotations
+
+import logging
+import os
+
+EXPECTED_WARNINGS = (
+    # Ray Data warns whenever no CPU is free when a dataset executes; in this pipeline that is
+    # every healthy run: the Train workers (or sampling actors) hold their CPUs while the
+    # stream's read/resample tasks run on the CPU left to them (the presets leave one).
+    "does not have any available CPUs",
+)
+
+
+class _DropExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in EXPECTED_WARNINGS)
+
+
+def quiet_ray_logs() -> None:
+    """Drop the warnings that do not apply to a healthy run (see EXPECTED_WARNINGS)."""
+    for name in ("ray.data", "ray.data.dataset", "ray.data._internal.execution.streaming_executor"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) for f in logger.filters):
+            logger.addFilter(_DropExpected())
+
+
+def init_ray(**local_options) -> None:
+    """Join the cluster of RAY_ADDRESS (also set inside `ray job submit`), else start a local Ray
+    (never a stray `ray start` cluster) with `local_options` for ray.init."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address="auto", log_to_driver=False)
+        else:
+            ray.init(**{"address": "local", **local_options}, log_to_driver=False)
+    # Stage progress is drawn by pipeline/common/progress.py; Ray Data's own bars are not.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    quiet_ray_logs()

@@ -1,0 +1,87 @@
+"""Class-rebalanced training streams on Ray Data.
+
+The long-tailed split is small by construction (a few head classes plus many small tail
+classes), so it is read from its Parquet shards once and held in the object store, shared
+zero-copy by every worker on a node. What streams is the epoch *plan*: a Ray Data pipeline
+over blocks of plan positions whose map step draws the epoch's plan (models/resampling.py)
+and gathers the rows. Re-iterating the dataset — one execution per epoch, including through
+Ray Train's `get_dataset_shard` — draws the next epoch: the epoch number is `start_epoch` plus
+Ray Data's execution index, read through a `RandomSeedConfig` with `reseed_after_execution`,
+so epochs differ, are reproducible, and a resumed run can continue at its epoch.
+
+Blocks hold a whole number of batches, so in `balanced_batch` mode each batch that
+`iter_torch_batches(batch_size=resample.batch_size)` yields is exactly class-balanced.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.data import RandomSeedConfig
+
+from models.data.resampling import class_probabilities, epoch_plan
+from pipeline.config import ResampleConfig
+from pipeline.common.shards import read_split
+
+TARGET_BLOCK_ROWS = 4096
+
+
+def plan_length(num_rows: int, rcfg: ResampleConfig) -> int:
+    """Rows one epoch yields: epoch_size (default: the split's size), whole batches in balanced_batch."""
+    size = rcfg.epoch_size or num_rows
+    if rcfg.mode == "balanced_batch":
+        return (size // rcfg.batch_size) * rcfg.batch_size
+    return size
+
+
+def expected_frequencies(labels: np.ndarray, rcfg: ResampleConfig) -> np.ndarray:
+    """The class frequencies a stream targets. Shape (C,)."""
+    counts = np.bincount(labels)
+    return class_probabilities(counts, rcfg.mode, rcfg.power)
+
+
+def _gather_block(batch: dict, *, arrays_ref, rcfg: ResampleConfig, seed: int, start_epoch: int,
+                  block_rows: int, seed_config: RandomSeedConfig, data_context) -> dict:
+    """Map step: a block of plan positions -> the rows the plan puts there."""
+    arrays = ray.get(arrays_ref)  # zero-copy views of the object-store copy
+    epoch = start_epoch + seed_config.get_seed_tuple(data_context=data_context).execution_idx
+    plan = epoch_plan(arrays["label"], rcfg.mode, seed=seed, epoch=epoch, power=rcfg.power,
+                      epoch_size=rcfg.epoch_size or len(arrays["label"]), batch_size=rcfg.batch_size)
+    parts = [plan[b * block_rows:(b + 1) * block_rows] for b in batch["id"]]
+    rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)  # (R,)
+    return {
+        "image": arrays["image"][rows],  # (R, H, W, C) uint8
+        "label": arrays["label"][rows],
+        "index": arrays["index"][rows],
+        "row": rows,
+        "epoch": np.full(len(rows), epoch, dtype=np.int64),
+    }
+
+
+def resampled_stream(split_dir: Path | str, image_shape, rcfg: ResampleConfig, *, seed: int,
+                     start_epoch: int = 0, num_classes: int | None = None, preserve_order: bool = True):
+    """A Ray Dataset that yields one rebalanced epoch of the split per iteration.
+
+    Columns: image (H, W, C) uint8, label, index (source position), row (split position), epoch.
+    `preserve_order` keeps the plan's order (reproducible batches); turn it off for a little
+    more throughput when order does not matter.
+    """
+    arrays = read_split(Path(split_dir), tuple(image_shape), num_classes)
+    arrays.pop("row")
+    length = plan_length(len(arrays["label"]), rcfg)
+    block_rows = max(1, TARGET_BLOCK_ROWS // rcfg.batch_size) * rcfg.batch_size
+    num_blocks = -(-length // block_rows)
+    arrays_ref = ray.put(arrays)
+    blocks = ray.data.range(num_blocks, override_num_blocks=num_blocks)
+    blocks.context.execution_options.preserve_order = preserve_order
+    return blocks.map_batches(
+        _gather_block,
+        batch_size=None,
+        batch_format="numpy",
+        fn_kwargs=dict(
+            arrays_ref=arrays_ref, rcfg=rcfg, seed=seed, start_epoch=start_epoch, block_rows=block_rows,
+            seed_config=RandomSeedConfig(seed=seed, reseed_after_execution=True),
+            data_context=blocks.context,
+        ),
+    )

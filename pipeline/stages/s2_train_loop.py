@@ -1,0 +1,199 @@
+"""The diffusion stage's per-job worker loop: stream batches, step, log, checkpoint, resume,
+and (rank 0) export the job's model when it ends.
+
+Runs inside `pipeline.common.launcher.jobs_worker` on every worker of a `TorchTrainer`, once per
+job (method) of the run; the numbers (loss, step, EMA) come from models/. One host
+synchronisation per `log_every` steps (the logged means); none per step. The running means are
+checked for finiteness at every log step *and* before every checkpoint, so no checkpoint of a
+diverged run is ever written.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from models.data.images import to_model_space
+from models.diffusion.training import checkpoint_state, make_train_state, restore_state, train_step
+from models.methods.registry import make_loss
+from models.seeding import derive_seed
+from pipeline.common.artifacts import build_net, load_model, make_schedule
+from pipeline.common.launcher import DeterministicError, NonFiniteLossError, report_checkpoint
+from pipeline.common.progress import report_progress
+from pipeline.config import config_from_dict
+
+
+def train_hparams(cfg, use_gpu: bool):
+    from models.diffusion.training import TrainHParams
+
+    t = cfg.train
+    channels_last = use_gpu if t.channels_last is None else t.channels_last
+    return TrainHParams(lr=t.lr, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
+                        ema_warmup=t.ema_warmup, p_uncond=t.p_uncond, cond_drop=cfg.model.cond_drop,
+                        bf16=t.bf16, channels_last=channels_last)
+
+
+class LossLog:
+    """loss.csv in the method's folder, written by rank 0; a resume drops rows past its step."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path, self.enabled, self.header = path, enabled, None
+        if enabled and path.is_file():
+            lines = path.read_text().splitlines()
+            if lines:
+                self.header = lines[0].split(",")
+                col = self.header.index("step")
+                kept = [ln for ln in lines[1:] if ln and int(float(ln.split(",")[col])) <= resume_step]
+                path.write_text("\n".join([lines[0], *kept]) + "\n")
+        elif enabled:
+            path.unlink(missing_ok=True)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self.header is None:
+            self.header = ["step", "epoch"] + [k for k in row if k not in ("step", "epoch")]
+            self.path.write_text(",".join(self.header) + "\n")
+        with self.path.open("a") as f:
+            f.write(",".join(f"{row.get(k, float('nan')):.6g}" for k in self.header) + "\n")
+
+
+def _load_init(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["ema"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise DeterministicError(f"train.init_from: cannot read {path} ({type(exc).__name__}: "
+                                 f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); give a "
+                                 "model.pt written by the train stage") from None
+
+
+def _export(state, out_dir: Path, run_config: dict) -> None:
+    """model.pt = the EMA weights and how to rebuild the net; written atomically by rank 0."""
+    blob = {"ema": state.ema.state_dict(), "step": state.step, "config": json.dumps(run_config, sort_keys=True,
+                                                                                      default=str)}
+    tmp = out_dir / "model.pt.tmp"
+    torch.save(blob, tmp)
+    os.replace(tmp, out_dir / "model.pt")
+
+
+def train_method_job(job: dict, shard, checkpoint) -> dict:
+    """One diffusion method on this worker group (the launcher's per-job loop)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(job["config"])
+    method, manifest = job["method"], job["manifest"]
+    out_dir = Path(job["out_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.torch_threads or max(1, round(cfg.train.cpus_per_worker)))
+    torch.manual_seed(derive_seed(cfg.seed, "torch", method, rank))
+    device = ray.train.torch.get_device()
+
+    job_started = time.perf_counter()
+    hp = train_hparams(cfg, job["use_gpu"])
+    state = make_train_state(build_net(cfg, manifest), hp, derive_seed(cfg.seed, "train", method, rank), device)
+    schedule = make_schedule(cfg)
+    loss_fn = make_loss(method, cfg.method_options(), manifest["class_counts"], T=schedule.T)
+    inputs = {}
+    if job.get("source_weights"):  # a frozen source model the loss compares against (DiffRC)
+        source, _, _ = load_model(Path(job["source_weights"]), device)
+        inputs["source"] = source
+    run_config = {"run": cfg.to_dict(), "manifest": manifest, "method": method}
+    total, per_worker = job["steps"], cfg.train.batch_size // world
+
+    epoch, skip, metrics = job["start_epoch"], 0, {}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            blob = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+            progress = json.loads((Path(ckpt_dir) / "progress.json").read_text())
+        restore_state(state, blob)
+        if rank != 0:  # the checkpoint holds rank 0's RNG; other ranks re-derive theirs
+            state.generator.manual_seed(derive_seed(cfg.seed, "train", method, rank, state.step))
+            torch.manual_seed(derive_seed(cfg.seed, "torch", method, rank, state.step))
+        epoch, skip = progress["epoch"], progress["batches_in_epoch"]
+        metrics = dict(progress.get("metrics", {}))
+    elif job.get("init_weights"):  # fine-tuning: start from another model's EMA weights
+        weights = _load_init(job["init_weights"])
+        state.net.load_state_dict(weights)
+        state.ema.load_state_dict(weights)
+    if world > 1:
+        state.net = ray.train.torch.prepare_model(state.net, move_to_device=False)
+
+    size, hflip = cfg.model.image_size, cfg.train.hflip
+    loss_log = LossLog(out_dir / "loss.csv", rank == 0, state.step)
+    proxy = None  # Tune sweeps only: a quick FID reported with each checkpoint
+    if job.get("proxy") and rank == 0:
+        from pipeline.common.proxy import ProxyFID
+
+        proxy = ProxyFID(job["proxy"], cfg, manifest, out_dir)
+    sums: dict[str, torch.Tensor] = {}
+    window, window_start, waited = 0, time.perf_counter(), 0.0
+    key = f"train/{method}"
+    while state.step < total:
+        batches_in_epoch = 0
+        fetch_start = time.perf_counter()
+        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, prefetch_batches=2):
+            waited += time.perf_counter() - fetch_start
+            batches_in_epoch += 1
+            if skip:  # resuming mid-epoch: these batches were trained on before the checkpoint
+                if int(batch["epoch"][0]) != epoch:
+                    raise DeterministicError(f"the data stream is at epoch {int(batch['epoch'][0])} but the "
+                                             f"checkpoint at epoch {epoch}: the driver must build the stream from it")
+                skip -= 1
+                window_start = fetch_start = time.perf_counter()
+                waited = 0.0
+                continue
+            epoch = int(batch["epoch"][0])
+            images = batch["image"].to(device, non_blocking=True)
+            x0 = to_model_space(images, size, hflip, state.generator)  # (b, C, S, S)
+            y = batch["label"].to(device, non_blocking=True)
+            terms = train_step(state, x0, y, loss_fn, schedule, hp, **inputs)
+            for name, value in terms.items():
+                sums[name] = sums[name] + value if name in sums else value.clone()
+            window += 1
+            done = state.step >= total
+            log_now = state.step % cfg.train.log_every == 0 or done
+            ckpt_now = state.step % cfg.train.checkpoint_every == 0 or done
+            if (log_now or ckpt_now) and window:
+                elapsed = time.perf_counter() - window_start
+                metrics = {name: (value / window).item() for name, value in sums.items()}  # the host sync
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    raise NonFiniteLossError(
+                        f"training {method} diverged: loss {metrics.get('loss')} (mean of steps "
+                        f"{state.step - window + 1}-{state.step}); lower train.lr or raise train.warmup_steps")
+                metrics.update(step=state.step, epoch=epoch, lr=state.opt.param_groups[0]["lr"],
+                               images_per_second=window * per_worker * world / max(elapsed, 1e-9),
+                               data_wait_fraction=waited / max(elapsed, 1e-9))
+                loss_log.write(metrics)
+                sums, window, window_start, waited = {}, 0, time.perf_counter(), 0.0
+                if rank == 0:
+                    report_progress(key, state.step, total, "step")
+                if not ckpt_now:
+                    ray.train.report(metrics)
+            if ckpt_now:
+                if proxy is not None:
+                    metrics["fid"] = proxy(state.ema, state.step)
+                progress = {"step": state.step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+                blob = checkpoint_state(state, run_config)
+                report_checkpoint(method, {"state.pt": lambda p: torch.save(blob, p)}, progress, metrics, rank)
+            if done:
+                break
+            fetch_start = time.perf_counter()
+        else:
+            if batches_in_epoch == 0:
+                raise DeterministicError(f"an epoch of the training stream holds no full batch of {per_worker} "
+                                         "rows: lower train.batch_size or raise resample.epoch_size")
+            epoch += 1
+            skip = 0
+    final = {"step": state.step, "epoch": epoch, **{k: v for k, v in metrics.items() if k not in ("step", "epoch")},
+             "fit_seconds": round(time.perf_counter() - job_started, 2)}
+    if rank == 0:
+        (out_dir / "final.json").write_text(json.dumps(final))
+        _export(state, out_dir, run_config)
+    return final
