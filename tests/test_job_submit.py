@@ -26,8 +26,7 @@ from conftest import REPO
 
 TINY = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train.log_every=3", "train.checkpoint_every=3",
         "train.bf16=false", "sample.steps=3", "sample.per_class=2", "sample.batch_size=20", "sample.bf16=false",
-        "classify.epochs=1", "classify.baselines=[ce]", "classify.synthetic=per_class", "classify.per_class=2",
-        "classify.steps=3", "stages=[data,train,sample,classify,report]"]
+        "stages=[data,train,report]"]  # the job-submit wiring, Ray Train under it; the CLI test runs every stage
 
 
 def free_port() -> int:
@@ -100,5 +99,5 @@ def test_ray_job_submit_runs_the_main_job(head_node, auth_env, tmp_path):
     assert "succeeded" in res.stdout.lower(), res.stdout[-2000:]
     run_dir = out / "runs" / "digits_lt"
     stages = json.loads((run_dir / "stages.json").read_text())
-    assert stages["models"]["ddpm"]["step"] == 3 and set(stages["classify"]) == {"ce", "syn-ddpm"}
+    assert stages["models"]["ddpm"]["step"] == 3
     assert (run_dir / "report.md").is_file()

@@ -86,3 +86,16 @@ def test_no_stage_imports_another_stage():
 def test_no_sys_path_edits():
     for path in list((REPO / "pipeline").rglob("*.py")) + list((REPO / "models").rglob("*.py")):
         assert "sys.path" not in path.read_text(), path
+
+
+def test_readme_method_table_lists_exactly_the_registry():
+    import re
+
+    from models.methods.registry import METHODS
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Long-tail methods", 1)[1].split("\n### ", 1)[0]
+    names = []
+    for row in re.findall(r"^\| `([^`]+)`", section, flags=re.M):
+        names += [n.strip() for n in row.replace("`", "").split(",")]
+    assert sorted(names) == sorted(METHODS), "README's method table and models/methods/registry.py disagree"

@@ -376,9 +376,14 @@ def test_every_method_trains_two_steps_through_train_step(name):
     state = make_train_state(net, hp, seed=0)
     loss_fn = make_loss(name, options(diffrop_group_size=4), [40, 10, 3], T=100)
     x0 = torch.rand(8, 1, 8, 8) * 2 - 1
-    y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 0])
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    inputs = {}
+    if method_needs(name, default_options()).source_model:  # DiffRC: a frozen copy as the source
+        import copy
+
+        inputs["source"] = copy.deepcopy(state.net).eval().requires_grad_(False)
     before = [p.detach().clone() for p in state.net.parameters()]
-    logs = [train_step(state, x0, y, loss_fn, NoiseSchedule(T=100), hp) for _ in range(2)]
+    logs = [train_step(state, x0, y, loss_fn, NoiseSchedule(T=100), hp, **inputs) for _ in range(2)]
     assert state.step == 2 and all(torch.isfinite(v).all() for log in logs for v in log.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, state.net.parameters()))
 

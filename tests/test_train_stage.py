@@ -56,6 +56,13 @@ def test_two_worker_run_checkpoints_and_resumes(ray_session, workdir, caplog):
     assert steps == [3, 6, 9]
     assert (art.path / "loss.png").stat().st_size > 0
 
+    (art.path / "manifest.json").unlink()
+    art.weights.unlink()  # as if the process died between the last checkpoint and the export
+    recovered = run_train(longer, data)["ddpm"]  # the finished checkpoint is exported, nothing retrained
+    assert recovered.metrics["step"] == 9 and recovered.weights.is_file() and not recovered.skipped
+    steps = [int(line.split(",")[0]) for line in (art.path / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [3, 6, 9]
+
 
 def test_sampling_stage_writes_reproducible_images(ray_session, workdir):
     cfg = cfg_for(workdir, "train.steps=9")
@@ -124,14 +131,3 @@ def test_composed_methods_and_fine_tuning_through_ray_train(ray_session, tmp_pat
     assert curve[-1] > curve[0] + 0.3  # (repeated tail rows in a balanced batch transfer even at t=0)
     manifest = json.loads((t2h / "manifest.json").read_text())
     assert manifest["init_from"].endswith("ddpm/model.pt") and manifest["resample"] == "balanced_batch"
-
-
-def test_finished_run_with_a_lost_export_is_recovered_from_its_checkpoint(ray_session, tmp_path):
-    cfg = cfg_for(tmp_path, "train.steps=3", "train.num_workers=1")
-    data = run_data(cfg)
-    first = run_train(cfg, data)["ddpm"]
-    (first.path / "manifest.json").unlink()
-    first.weights.unlink()  # as if the process died between the last checkpoint and the export
-    art = run_train(cfg, data)["ddpm"]
-    assert art.metrics["step"] == 3 and art.weights.is_file() and not art.skipped
-    assert [int(line.split(",")[0]) for line in (art.path / "loss.csv").read_text().splitlines()[1:]] == [3]

@@ -85,6 +85,8 @@ def test_max_concurrent_leaves_a_cpu_per_trial_for_ray_data():
     assert max_concurrent(half, {"CPU": 2}) == 1 and max_concurrent(half, {"CPU": 3}) == 2
     gpu = load_config(overrides=["train.use_gpu=true", "train.num_workers=2", "train.batch_size=64"])
     assert max_concurrent(gpu, {"CPU": 16, "GPU": 4}) == 2 and max_concurrent(gpu, {"CPU": 6, "GPU": 8}) == 2
+    auto = load_config(overrides=["train.num_workers=2", "train.batch_size=64"])  # use_gpu: auto
+    assert max_concurrent(auto, {"CPU": 16, "GPU": 4}) == 2 and max_concurrent(auto, {"CPU": 16}) == 5
 
 
 @pytest.fixture(scope="module")

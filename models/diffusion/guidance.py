@@ -36,6 +36,17 @@ class CFGDenoiser:
         return (1.0 + self.omega) * cond - self.omega * uncond
 
 
+class NullLabelDenoiser:
+    """ε(x_t, ∅) for an unconditional backbone: every label is replaced by the null label."""
+
+    def __init__(self, net: torch.nn.Module, null_label: int, autocast_dtype=None):
+        self.inner = CFGDenoiser(net, 0.0, null_label, autocast_dtype)
+        self.null_label = int(null_label)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.inner(x, t, torch.full_like(y, self.null_label))
+
+
 class ClassifierGuidance:
     """ε̂ ← ε̂ − √(1−ᾱ_t) · s · g(x_t, t, y) (Dhariwal & Nichol 2021, Alg. 2), the ε-form of
     classifier guidance that every sampler (DDIM, the solvers, ancestral DDPM) can use.

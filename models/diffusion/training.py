@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -28,6 +29,9 @@ class TrainHParams:
     cond_drop: str = "sample"  # "sample": per-sample with the null class; "batch": one coin per batch
     bf16: bool = False  # autocast the forward/loss in bfloat16
     channels_last: bool = False
+    lr_schedule: str = "constant"  # constant (the papers) | cosine | linear: decay to 0 over the last decay_fraction
+    decay_fraction: float = 0.3
+    total_steps: int = 0  # the run's last step (the decay's end); 0 = no decay
 
 
 @dataclass
@@ -60,11 +64,21 @@ def drop_labels(y: torch.Tensor, p: float, mode: str, null_label: int, generator
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 def lr_at(step: int, hp: TrainHParams) -> float:
-    """Linear warm-up to hp.lr over hp.warmup_steps (step 0 already takes a small step), then constant."""
-    if hp.warmup_steps <= 0:
-        return hp.lr
-    return hp.lr * min(1.0, (step + 1) / hp.warmup_steps)
+    """Linear warm-up to hp.lr over hp.warmup_steps (step 0 already takes a small step), then constant
+    (the papers' schedule) or, with `lr_schedule` cosine / linear, a decay to 0 over the last
+    `decay_fraction` of `total_steps` (a short run's weights settle instead of stopping mid-flight)."""
+    lr = hp.lr if hp.warmup_steps <= 0 else hp.lr * min(1.0, (step + 1) / hp.warmup_steps)
+    if hp.lr_schedule == "constant" or hp.total_steps <= 0:
+        return lr
+    start = int(round(hp.total_steps * (1 - hp.decay_fraction)))
+    if step < start:
+        return lr
+    frac = min(1.0, (step - start) / max(1, hp.total_steps - start))
+    return lr * (1 - frac) if hp.lr_schedule == "linear" else lr * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def ema_decay_at(step: int, hp: TrainHParams) -> float:

@@ -7,7 +7,12 @@ Classifier-free guidance needs an "unconditional" input. Label `num_classes` mea
                       row is masked to zero and never trained).
 Presets: `cifar` (ch 128, mult [1,2,2,2], 2 res blocks, attention at 16×16 and in the middle,
 dropout 0.1, ≈35.7M parameters) and `small` (ch 32, mult [1,2,2], 1 res block, attention at the
-lowest resolution and in the middle, ≈1.2M, for 28–32 px grey images on a CPU).
+lowest resolution and in the middle, GroupNorm with 8 groups, ≈1.2M, for 28–32 px grey images on a
+CPU). The small preset keeps the reference's 4 channels per GroupNorm group: with the reference's
+32 groups on 32 channels each group is one feature map, an instance norm that strips every map's
+mean and scale (the cause of the droplet artefacts in Karras et al. 2020, §2); measured here it
+left 20% of the samples speckled and 57% recognisable as their class after 2,000 steps, against
+3.7% and 82% with 8 groups (notes of issue 11).
 """
 from __future__ import annotations
 
@@ -31,11 +36,14 @@ class UNetConfig:
     dropout: float = 0.1
     num_classes: int = 10
     cond_drop: str = "sample"
+    norm_groups: int = 32  # GroupNorm groups: 32 in the reference; the small preset keeps its 4 channels per group
 
 
 PRESETS = {
     "cifar": dict(ch=128, ch_mult=(1, 2, 2, 2), attn_levels=(1,), num_res_blocks=2, dropout=0.1),
-    "small": dict(ch=32, ch_mult=(1, 2, 2), attn_levels=(2,), num_res_blocks=1, dropout=0.1),
+    # 4 channels per GroupNorm group, as the reference's 32 groups on 128 channels: GroupNorm(32) on
+    # 32 channels is an instance norm, whose per-map normalisation gave speckled, saturated samples
+    "small": dict(ch=32, ch_mult=(1, 2, 2), attn_levels=(2,), num_res_blocks=1, dropout=0.1, norm_groups=8),
 }
 
 
@@ -59,14 +67,14 @@ def _init(module: nn.Module, gain: float = 1.0) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, tdim: int, dropout: float, attn: bool):
+    def __init__(self, in_ch: int, out_ch: int, tdim: int, dropout: float, attn: bool, groups: int = 32):
         super().__init__()
-        self.block1 = nn.Sequential(nn.GroupNorm(32, in_ch), nn.SiLU(), _init(nn.Conv2d(in_ch, out_ch, 3, padding=1)))
+        self.block1 = nn.Sequential(nn.GroupNorm(groups, in_ch), nn.SiLU(), _init(nn.Conv2d(in_ch, out_ch, 3, padding=1)))
         self.temb_proj = nn.Sequential(nn.SiLU(), _init(nn.Linear(tdim, out_ch)))
-        self.block2 = nn.Sequential(nn.GroupNorm(32, out_ch), nn.SiLU(), nn.Dropout(dropout),
+        self.block2 = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Dropout(dropout),
                                     _init(nn.Conv2d(out_ch, out_ch, 3, padding=1), gain=1e-5))
         self.shortcut = _init(nn.Conv2d(in_ch, out_ch, 1)) if in_ch != out_ch else nn.Identity()
-        self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+        self.attn = AttnBlock(out_ch, groups) if attn else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.block1(x)  # (B, out, H, W)
@@ -78,9 +86,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over H·W positions (scaled dot product, as the reference)."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, groups: int = 32):
         super().__init__()
-        self.norm = nn.GroupNorm(32, ch)
+        self.norm = nn.GroupNorm(groups, ch)
         self.qkv = _init(nn.Conv2d(ch, 3 * ch, 1))
         self.proj = _init(nn.Conv2d(ch, ch, 1), gain=1e-5)
 
@@ -109,23 +117,23 @@ class UNet(nn.Module):
         for level, mult in enumerate(cfg.ch_mult):
             out = ch * mult
             for _ in range(cfg.num_res_blocks):
-                self.down.append(ResBlock(now, out, tdim, cfg.dropout, attn=level in cfg.attn_levels))
+                self.down.append(ResBlock(now, out, tdim, cfg.dropout, attn=level in cfg.attn_levels, groups=cfg.norm_groups))
                 now = out
                 chans.append(now)
             if level != len(cfg.ch_mult) - 1:
                 self.down.append(_init(nn.Conv2d(now, now, 3, stride=2, padding=1)))
                 chans.append(now)
-        self.middle = nn.ModuleList([ResBlock(now, now, tdim, cfg.dropout, attn=True),
-                                     ResBlock(now, now, tdim, cfg.dropout, attn=False)])
+        self.middle = nn.ModuleList([ResBlock(now, now, tdim, cfg.dropout, attn=True, groups=cfg.norm_groups),
+                                     ResBlock(now, now, tdim, cfg.dropout, attn=False, groups=cfg.norm_groups)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.ch_mult))):
             out = ch * mult
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(ResBlock(chans.pop() + now, out, tdim, cfg.dropout, attn=level in cfg.attn_levels))
+                self.up.append(ResBlock(chans.pop() + now, out, tdim, cfg.dropout, attn=level in cfg.attn_levels, groups=cfg.norm_groups))
                 now = out
             if level != 0:
                 self.up.append(_Upsample(now))
-        self.tail = nn.Sequential(nn.GroupNorm(32, now), nn.SiLU(),
+        self.tail = nn.Sequential(nn.GroupNorm(cfg.norm_groups, now), nn.SiLU(),
                                   _init(nn.Conv2d(now, cfg.in_channels, 3, padding=1), gain=1e-5))
 
     @property

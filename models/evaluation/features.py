@@ -41,8 +41,10 @@ class DomainNet(nn.Module):
 
 
 def train_domain_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                            *, epochs: int = 3, batch_size: int = 128, lr: float = 2e-3, seed: int = 0):
-    """Train on uint8 (N, C, H, W) images; returns (net in eval mode, test accuracy, per-class accuracy)."""
+                            *, epochs: int = 3, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+                            bf16: bool = False):
+    """Train on uint8 (N, C, H, W) images; returns (net in eval mode, test accuracy, per-class accuracy).
+    `bf16` autocasts the training forward (the features are always extracted in fp32)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
@@ -55,7 +57,9 @@ def train_domain_classifier(train_x: torch.Tensor, train_y: torch.Tensor, test_x
         order = torch.randperm(len(train_y), generator=g)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            loss = F.cross_entropy(net(train_x[idx]), train_y[idx])
+            with torch.autocast(train_x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = net(train_x[idx])
+            loss = F.cross_entropy(logits.float(), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -102,8 +102,13 @@ class Needs:
     """What a method asks of the pipeline (merged over a composition)."""
 
     resample: str | None = None  # a models/data/resampling.py mode its training stream must use
-    source_model: bool = False  # a frozen source model, passed to the loss as step.inputs["source"]
-    guidance: str | None = None  # a sampling-time guidance the sample stage wraps around CFG
+    source_model: bool = False  # a frozen source model (trained first on Method.source_classes),
+    #                             passed to the loss as step.inputs["source"]; the model starts from it
+    source_steps: int | None = None  # the source model's steps (None = train.steps)
+    guidance: str | None = None  # a sampling-time guidance the sample stage wraps around the denoiser
+    guidance_steps: int = 0  # training steps of the guidance's network
+    guidance_scale: float = 0.0  # its scale s at sampling time (sample.guidance_scale overrides)
+    conditional: bool = True  # False: an unconditional backbone (the null label throughout)
     diagnostics: tuple = ()  # names of curves the pipeline plots before training (Method.diagnostic)
 
 
@@ -119,7 +124,8 @@ class BuildContext:
 @dataclass(frozen=True)
 class Method:
     """A registry entry. `build(opts, ctx) -> LossPiece | None`; `needs(opts) -> Needs`;
-    `diagnostic(name, opts, x0, schedule, generator) -> (xs, ys, labels)` for Needs.diagnostics."""
+    `diagnostic(name, opts, x0, schedule, generator) -> curve dict` for Needs.diagnostics;
+    `source_classes(opts, counts)` for Needs.source_model."""
 
     name: str
     summary: str  # one line: what it does (README and report tables)
@@ -129,6 +135,7 @@ class Method:
     build: Callable[[Any, BuildContext], LossPiece | None] = lambda opts, ctx: None
     needs: Callable[[Any], Needs] = lambda opts: Needs()
     diagnostic: Callable | None = None
+    source_classes: Callable | None = None  # (opts, class_counts) -> the classes a source model sees
     role: str = "loss"  # "loss" (changes the objective), "data" (changes the stream only), "base"
 
     def knobs(self) -> list[str]:

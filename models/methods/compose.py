@@ -38,7 +38,9 @@ class DiffusionLoss:
         self.pieces, self.name = [p for p in pieces if p is not None], name
 
     def __call__(self, net, x0: torch.Tensor, y: torch.Tensor, schedule, *, t=None, noise=None, generator=None,
-                 y_true=None, **inputs) -> dict[str, torch.Tensor]:
+                 y_true=None, keep_graph: bool = False, **inputs) -> dict[str, torch.Tensor]:
+        """`keep_graph`: also return "_ddpm" (the weighted DDPM term) and "_terms" (the pieces' loss
+        terms) with their graphs, to measure each part's gradient (benchmarks/bench_methods.py)."""
         y_true = y if y_true is None else y_true
         t, noise = draw_t_noise(x0, schedule, t, noise, generator)
         x_t = schedule.q_sample(x0, t, noise)  # (B, C, H, W)
@@ -48,16 +50,20 @@ class DiffusionLoss:
             piece.prepare(step)
         extras = [p.forward_inputs(step) for p in self.pieces]
         together = [e if p.batched else None for p, e in zip(self.pieces, extras)]
-        step.eps, outs = batched_forward(net, (x_t, t, y), together)
+        step.eps, outs = batched_forward(net, (step.x_t, step.t, step.y), together)  # pieces may relabel (DiffRC)
         outs = [o if p.batched else (net(*e) if e is not None else None) for p, e, o in zip(self.pieces, extras, outs)]
         mse = per_sample_mse(step.eps, step.target)
         loss = mse if step.weight is None else mse * step.weight
         result = {"mse": mse.detach(), **{k: v.detach() for k, v in step.logs.items()}}
+        raw = {"_ddpm": loss, "_terms": {}}
         for piece, out in zip(self.pieces, outs):
             loss_terms, logged = piece.terms(step, out)
             for name, value in loss_terms.items():
                 loss = loss + value
                 result[name] = value.detach()
+                raw["_terms"][name] = value
             result.update({k: v.detach() for k, v in logged.items()})
         result["loss"] = loss
+        if keep_graph:
+            result.update(raw)
         return result

@@ -11,12 +11,17 @@ from models.methods.base import BuildContext, Method, Needs
 from models.methods.cbdm import CBDM
 from models.methods.compose import DiffusionLoss
 from models.methods.ddpm import DDPM
+from models.methods.diffrc import DIFFRC, DIFFRC_CFG, load_prototype_guidance
 from models.methods.diffrop import DIFFROP
 from models.methods.oc import H2T, OC_FULL, T2H
 from models.methods.resample import RS, RS_SQRT
 from models.methods.reweight import REWEIGHT
 
-METHODS: dict[str, Method] = {m.name: m for m in (DDPM, CBDM, T2H, H2T, OC_FULL, DIFFROP, REWEIGHT, RS, RS_SQRT)}
+METHODS: dict[str, Method] = {m.name: m for m in (DDPM, CBDM, T2H, H2T, OC_FULL, DIFFROP, DIFFRC, DIFFRC_CFG, REWEIGHT,
+                                                   RS, RS_SQRT)}
+
+# Needs.guidance name -> loader(path, device) of its grad_fn(x_t, t, y) (the direction raising p(y | x_t))
+GUIDANCES = {"prototype": load_prototype_guidance}
 
 
 def method_parts(name: str) -> list[Method]:
@@ -52,8 +57,16 @@ def method_needs(name: str, options: dict) -> Needs:
     if len(modes) > 1 or len(transforms) > 1:
         clash = sorted(modes) if len(modes) > 1 else transforms
         raise ValueError(f"method {name!r} combines {', '.join(clash)}: use one OC mode and one resampling")
-    return Needs(resample=next(iter(modes), None), source_model=any(n.source_model for n in needs),
-                 guidance=next((n.guidance for n in needs if n.guidance), None),
+    sources = [n for n in needs if n.source_model]
+    guided = [n for n in needs if n.guidance]
+    if len(sources) > 1 or len(guided) > 1:
+        raise ValueError(f"method {name!r} combines two source models or two guidances: use one")
+    return Needs(resample=next(iter(modes), None), source_model=bool(sources),
+                 source_steps=sources[0].source_steps if sources else None,
+                 guidance=guided[0].guidance if guided else None,
+                 guidance_steps=guided[0].guidance_steps if guided else 0,
+                 guidance_scale=guided[0].guidance_scale if guided else 0.0,
+                 conditional=all(n.conditional for n in needs),
                  diagnostics=tuple(d for n in needs for d in n.diagnostics))
 
 

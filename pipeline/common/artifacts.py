@@ -93,6 +93,13 @@ def make_schedule(cfg):
     return NoiseSchedule(cfg.model.schedule, cfg.model.timesteps)
 
 
+def model_extras(path: Path) -> dict:
+    """What a model.pt says about sampling from it: method, conditional backbone, guidance."""
+    saved = json.loads(torch.load(Path(path), map_location="cpu", weights_only=True)["config"])
+    return {"method": saved.get("method"), "conditional": saved.get("conditional", True),
+            "guidance": saved.get("guidance")}
+
+
 def load_model(path: Path, device: str | torch.device = "cpu"):
     """EMA denoiser from a model.pt, with the Config and data manifest it was trained with."""
     from pipeline.config import config_from_dict

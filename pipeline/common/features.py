@@ -76,7 +76,9 @@ def domain_weights(cfg: Config, data: DatasetArtifact) -> Path:
     """Train the domain classifier on the balanced reference split once per dataset; cached."""
     from models.evaluation.features import save_domain_classifier, train_domain_classifier
 
-    folder = Path(cfg.output_dir) / "extractors" / data.path.name / f"domain-e{cfg.evaluate.domain_epochs}"
+    e = cfg.evaluate
+    folder = (Path(cfg.output_dir) / "extractors" / data.path.name /
+              f"domain-e{e.domain_epochs}{'-bf16' if e.domain_bf16 else ''}")
     weights = folder / "domain.pt"
     if weights.is_file() and (folder / "domain.json").is_file():
         return weights
@@ -86,7 +88,7 @@ def domain_weights(cfg: Config, data: DatasetArtifact) -> Path:
     log.info("evaluate: training the domain feature extractor on %d balanced images", len(ref["label"]))
     net, acc, per_class = train_domain_classifier(to_t(ref["image"]), torch.from_numpy(ref["label"]),
                                                   to_t(test["image"]), torch.from_numpy(test["label"]),
-                                                  epochs=cfg.evaluate.domain_epochs, seed=cfg.seed)
+                                                  epochs=e.domain_epochs, seed=cfg.seed, bf16=e.domain_bf16)
     folder.mkdir(parents=True, exist_ok=True)
     save_domain_classifier(net, folder / "domain.pt.tmp", test_accuracy=acc)
     os.replace(folder / "domain.pt.tmp", weights)
@@ -157,14 +159,16 @@ def balanced_plan(num_classes: int, images: int, seed: int, tag: str) -> tuple[n
 @torch.no_grad()
 def generate_images(net, schedule, manifest: dict, size: int, labels, seeds, *, sampler: str = "ddim",
                     steps: int = 10, omega: float = 1.0, eta: float = 0.0, batch_size: int = 100, bf16: bool = False,
-                    device="cpu") -> np.ndarray:
-    """uint8 (N, H, W, C) samples of the given labels, each from its own seed (in-process)."""
+                    device="cpu", denoiser=None) -> np.ndarray:
+    """uint8 (N, H, W, C) samples of the given labels, each from its own seed (in-process); the
+    denoiser is CFG at ω unless one is given (pipeline.common.generation.build_denoiser)."""
     from models.data.images import to_uint8_images
     from models.diffusion.guidance import CFGDenoiser, ImageNoise
     from models.diffusion.samplers import generate
 
     H, W, C = manifest["image_shape"]
-    denoiser = CFGDenoiser(net, omega, net.null_label, autocast_dtype=torch.bfloat16 if bf16 else None)
+    if denoiser is None:
+        denoiser = CFGDenoiser(net, omega, net.null_label, autocast_dtype=torch.bfloat16 if bf16 else None)
     out = []
     for start in range(0, len(labels), batch_size):
         noise = ImageNoise([int(s) for s in seeds[start:start + batch_size]], (C, size, size), device)

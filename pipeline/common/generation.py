@@ -37,13 +37,36 @@ def plan_rows(counts: list[int], seed: int, tag: str) -> dict[str, np.ndarray]:
     return {"label": labels, "k": ks, "seed": seeds}
 
 
+def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, device, guidance_scale=None):
+    """The sampling denoiser of a trained model: CFG (or the null label for an unconditional
+    backbone), wrapped in the model's sampling-time guidance when it has one (`guidance_scale`
+    overrides the scale it was trained with)."""
+    import torch
+
+    from models.diffusion.guidance import CFGDenoiser, ClassifierGuidance, NullLabelDenoiser
+    from models.methods.registry import GUIDANCES
+    from pipeline.common.artifacts import model_extras
+
+    extras = model_extras(weights)
+    dtype = torch.bfloat16 if bf16 else None
+    if extras["conditional"]:
+        den = CFGDenoiser(net, omega, net.null_label, autocast_dtype=dtype)
+    else:
+        den = NullLabelDenoiser(net, net.null_label, autocast_dtype=dtype)
+    guidance = extras.get("guidance")
+    if guidance:
+        scale = guidance["scale"] if guidance_scale is None else guidance_scale
+        grad_fn = GUIDANCES[guidance["kind"]](guidance["weights"], device)
+        den = ClassifierGuidance(den, grad_fn, scale, schedule.alpha_bar)
+    return den
+
+
 class SamplerActor:
     """Holds one model; turns batches of plan rows into uint8 images."""
 
     def __init__(self, weights: str, sample_cfg: dict, threads: int | None, use_gpu: bool):
         import torch
 
-        from models.diffusion.guidance import CFGDenoiser
         from pipeline.common.artifacts import load_model, make_schedule
 
         if threads:
@@ -54,8 +77,8 @@ class SamplerActor:
         self.schedule = make_schedule(run_cfg)
         self.size = run_cfg.model.image_size
         self.height, self.width, self.channels = manifest["image_shape"]
-        dtype = torch.bfloat16 if self.cfg["bf16"] else None
-        self.denoiser = CFGDenoiser(net, self.cfg["omega"], net.null_label, autocast_dtype=dtype)
+        self.denoiser = build_denoiser(net, Path(weights), self.cfg["omega"], self.cfg["bf16"], self.schedule,
+                                       self.device, self.cfg.get("guidance_scale"))
         self.key = self.cfg.get("progress_key")
         self.done = 0
 

@@ -174,7 +174,7 @@ def run_jobs(loop: str, jobs: list[Job], *, name: str, storage: Path, scaling: S
         start = {progress["job"]: progress.get("epoch", 0)} if progress and "job" in progress else {}
         if progress and progress.get("job") in {j.name for j in jobs}:
             where = f"step {progress['step']}" if "step" in progress else f"epoch {progress.get('epoch')}"
-            log.info("%s: resuming %s from %s", what, progress["job"], where)
+            log.info("%s: resuming from %s (%s)", what, where, progress["job"])
         datasets = {job.name: job.stream(start.get(job.name, 0)) for job in jobs}
         ingest = ray.train.DataConfig.default_ingest_options()
         ingest.preserve_order = True  # the plan's order: reproducible batches, exact mid-epoch resume

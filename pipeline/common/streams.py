@@ -60,15 +60,20 @@ def _gather_block(batch: dict, *, arrays_ref, rcfg: ResampleConfig, seed: int, s
 
 
 def resampled_stream(split_dir: Path | str, image_shape, rcfg: ResampleConfig, *, seed: int,
-                     start_epoch: int = 0, num_classes: int | None = None, preserve_order: bool = True):
+                     start_epoch: int = 0, num_classes: int | None = None, preserve_order: bool = True,
+                     classes: tuple | None = None):
     """A Ray Dataset that yields one rebalanced epoch of the split per iteration.
 
     Columns: image (H, W, C) uint8, label, index (source position), row (split position), epoch.
+    `classes` restricts the stream to those labels (the epoch is their rows, resampled alike).
     `preserve_order` keeps the plan's order (reproducible batches); turn it off for a little
     more throughput when order does not matter.
     """
     arrays = read_split(Path(split_dir), tuple(image_shape), num_classes)
     arrays.pop("row")
+    if classes is not None:  # a class subset (DiffRC's head-class source model), labels unchanged
+        keep = np.isin(arrays["label"], list(classes))
+        arrays = {k: v[keep] for k, v in arrays.items()}
     length = plan_length(len(arrays["label"]), rcfg)
     block_rows = max(1, TARGET_BLOCK_ROWS // rcfg.batch_size) * rcfg.batch_size
     num_blocks = -(-length // block_rows)

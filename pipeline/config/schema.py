@@ -74,6 +74,8 @@ class TrainConfig:
     batch_size: int = 64  # global: split evenly over the workers
     lr: float = 1e-3
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # constant (the papers) | cosine | linear: to 0 over the last decay_fraction
+    decay_fraction: float = 0.3
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
@@ -104,6 +106,7 @@ class SampleConfig:
     steps: int = 50  # sampler steps (ddpm visits all T)
     eta: float = 0.0
     omega: float = 1.0  # guidance ω in (1+ω)·ε(x,y) − ω·ε(x,∅)
+    guidance_scale: Optional[float] = None  # a method's sampling-time guidance (DiffRC's s); None = its own
     clip_x0: Optional[bool] = None  # None = the sampler's default
     batch_size: int = 50
     num_actors: int = 1  # one per GPU (use_gpu) or CPU slot
@@ -119,6 +122,7 @@ class EvalConfig:
     extractor: str = "domain"  # domain (trained here on the balanced set) | inception (TF-ported weights)
     weights_path: Optional[str] = None  # inception: local weights (None = torch-fidelity's download)
     domain_epochs: int = 3
+    domain_bf16: bool = False  # autocast the domain classifier's training in bfloat16 (faster on AMX CPUs)
     kid_subset_size: int = 1000
     prc_neighborhood: int = 5  # k of improved precision/recall (Kynkäänniemi et al.)
     prd_runs: int = 10

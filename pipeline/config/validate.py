@@ -81,6 +81,11 @@ def _validate_model_train_sample(cfg) -> None:
     if t.init_from and t.init_from in METHODS and t.init_from not in t.methods:
         raise ConfigError(f"train.init_from={t.init_from} names a method this run does not train: add it to "
                           "train.methods before the fine-tuned one, or give a model.pt path")
+    from models.diffusion.training import LR_SCHEDULES
+
+    if t.lr_schedule not in LR_SCHEDULES or not 0.0 < t.decay_fraction <= 1.0:
+        raise ConfigError(f"train.lr_schedule={t.lr_schedule!r} / decay_fraction={t.decay_fraction}: use one of "
+                          f"{', '.join(LR_SCHEDULES)} and a fraction in (0, 1]")
     if t.cpus_per_worker <= 0:
         raise ConfigError(f"train.cpus_per_worker={t.cpus_per_worker} must be positive")
     for key in ("steps", "batch_size", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints"):

@@ -1,19 +1,21 @@
 """Train stage: every method of the run trained on Ray Train, fed by its rebalanced stream.
 
-Methods run as jobs of one `TorchTrainer` per *wave* (pipeline/common/launcher.py): the methods
-trained from scratch together, then every method fine-tuned from them (`train.init_from`)
-together, so a run pays the worker-group start-up once per wave, not once per method. What a
-method needs from the pipeline (its resampling mode, a diagnostic curve) comes from its
-registry entry (models/methods/), never from a name test here.
+What is trained is planned as `TrainSpec`s from the method registry: one per method, plus what a
+method's `Needs` ask for (DiffRC: a source model on the head classes and the feature network of
+its sampling guidance). Specs run as jobs of one `TorchTrainer` per *wave*
+(pipeline/common/launcher.py): first everything trained from scratch, then everything that
+starts from another model (`train.init_from`, DiffRC's target from its source), so a run pays the
+worker-group start-up once per wave, not once per model. No method is named here.
 
 Layout under the run folder:
   train/ray/<wave>-<hash>/         Ray Train storage (checkpoints); the same name on a rerun
                                    resumes from the latest checkpoint
-  train/<method>/model.pt          EMA weights + what is needed to rebuild the net (the artifact)
-  train/<method>/loss.csv, loss.png, metrics.json, manifest.json, <diagnostic>.png
+  train/<name>/model.pt            EMA weights + what is needed to rebuild the net (the artifact);
+                                   features.pt for a guidance feature network
+  train/<name>/loss.csv, loss.png, metrics.json, manifest.json, <diagnostic>.png
 
-Each method's key hashes everything that shapes its weights (data, resampling, model, training,
-its method sections, the init weights by content), so a changed config trains afresh.
+Each spec's key hashes everything that shapes its weights (data, resampling, model, training,
+its method sections, the weights it starts from by content), so a changed config trains afresh.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +39,23 @@ from pipeline.config import Config, stable_hash
 from pipeline.errors import TaildiffError
 
 log = logging.getLogger("taildiff.train")
-LOOP = "pipeline.stages.s2_train_loop:train_method_job"
+LOOPS = {"diffusion": "pipeline.stages.s2_train_loop:train_method_job",
+         "features": "pipeline.stages.s2_train_loop:train_features_job"}
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One model to train: `name` is its folder and job; `method` the registry loss it trains with."""
+
+    name: str
+    method: str
+    steps: int
+    kind: str = "diffusion"  # diffusion | features (a guidance feature network)
+    init: str | None = None  # the spec (or model.pt path) whose weights it starts from
+    source: str | None = None  # a frozen source model the loss compares against (a spec name)
+    classes: tuple | None = None  # the stream restricted to these classes
+    conditional: bool = True  # False: the null label throughout (an unconditional backbone)
+    section: str | None = None  # the method section of a helper spec (for its options)
 
 
 def method_resample(cfg: Config, method: str):
@@ -51,140 +70,191 @@ def is_finetuned(cfg: Config, method: str) -> bool:
 
 def method_steps(cfg: Config, method: str) -> int:
     """train.finetune_steps for a method fine-tuned from train.init_from, else train.steps."""
-    if cfg.train.finetune_steps is not None and is_finetuned(cfg, method):
+    if cfg.train.finetune_steps is not None and (is_finetuned(cfg, method) or _needs(cfg, method).source_model):
         return cfg.train.finetune_steps
     return cfg.train.steps
 
 
-def init_weights_path(cfg: Config, method: str, check: bool = True) -> str | None:
-    """train.init_from as a model.pt path (a method of this run, trained earlier in it, or a path)."""
-    source = cfg.train.init_from
-    if not source or source == method:
+def _needs(cfg: Config, method: str):
+    return method_needs(method, cfg.method_options())
+
+
+def plan_specs(cfg: Config, data: DatasetArtifact) -> list[list[TrainSpec]]:
+    """The run's specs in two waves: from scratch, then those that start from another model."""
+    first, second = [], []
+    for method in cfg.train.methods:
+        needs = _needs(cfg, method)
+        if needs.source_model:  # a source model on some classes first, then the method starts from it
+            part = next(m for m in method_parts(method) if m.source_classes is not None)
+            seen = tuple(part.source_classes(getattr(cfg, part.section), data.manifest["class_counts"]))
+            source = f"{method}-source"
+            first.append(TrainSpec(source, "ddpm", needs.source_steps or cfg.train.steps, classes=seen,
+                                   conditional=needs.conditional, section=part.section))
+            if needs.guidance:
+                first.append(TrainSpec(f"{method}-features", method, needs.guidance_steps, kind="features",
+                                       section=part.section))
+            second.append(TrainSpec(method, method, method_steps(cfg, method), init=source, source=source,
+                                    conditional=needs.conditional))
+        elif is_finetuned(cfg, method):
+            second.append(TrainSpec(method, method, method_steps(cfg, method), init=cfg.train.init_from))
+        else:
+            first.append(TrainSpec(method, method, method_steps(cfg, method)))
+    return [w for w in (first, second) if w]
+
+
+def weights_path(cfg: Config, ref: str | None, check: bool = True) -> str | None:
+    """A spec name of this run (train/<name>/model.pt) or a model.pt path, as an absolute path."""
+    if not ref:
         return None
-    path = (cfg.run_dir / "train" / source / "model.pt") if source in cfg.train.methods else Path(source)
+    own = cfg.run_dir / "train" / ref / "model.pt"
+    path = own if (ref in cfg.train.methods or ref.endswith("-source")) else Path(ref)
     if check and not path.is_file():
-        raise TaildiffError(f"train.init_from={source}: no weights at {path}; train that method first "
+        raise TaildiffError(f"train.init_from={ref}: no weights at {path}; train that method first "
                             "(list it earlier in train.methods) or give an existing model.pt")
     return str(path.resolve())
 
 
-def run_key(cfg: Config, data: DatasetArtifact, method: str) -> str:
-    """Hash of everything that shapes a method's weights but the step count (and not logging or
+def init_weights_path(cfg: Config, method: str, check: bool = True) -> str | None:
+    """train.init_from as a model.pt path for a method fine-tuned from it (None otherwise)."""
+    return weights_path(cfg, cfg.train.init_from, check) if is_finetuned(cfg, method) else None
+
+
+def _stamp(path: str | None):
+    return [path, os.path.getsize(path), os.path.getmtime(path)] if path else None
+
+
+def spec_resample(cfg: Config, spec: TrainSpec):
+    return method_resample(cfg, spec.method) if spec.kind == "diffusion" else cfg.resample
+
+
+def run_key(cfg: Config, data: DatasetArtifact, spec: TrainSpec) -> str:
+    """Hash of everything that shapes a spec's weights but the step count (and not logging or
     checkpoint cadence): raising train.steps continues the same Ray Train run from its checkpoint."""
     train = dataclasses.asdict(dataclasses.replace(
-        cfg.train, methods=(method,), steps=0, log_every=0, checkpoint_every=0, keep_checkpoints=0, max_failures=0,
-        init_from=None, use_gpu=False, torch_threads=None, cpus_per_worker=1.0))
+        cfg.train, methods=(spec.method,), steps=0, log_every=0, checkpoint_every=0, keep_checkpoints=0,
+        max_failures=0, init_from=None, use_gpu=False, torch_threads=None, cpus_per_worker=1.0))
     train.pop("finetune_steps")  # a step count, like steps
-    payload = {"data": data.manifest["config_hash"], "resample": dataclasses.asdict(method_resample(cfg, method)),
-               "model": dataclasses.asdict(cfg.model), "train": train, "seed": cfg.seed, "method": method}
-    payload.update({name: dataclasses.asdict(getattr(cfg, name)) for name in sorted(used_sections(method))})
-    init = init_weights_path(cfg, method) if is_finetuned(cfg, method) else None
-    if init:  # fine-tuning from other weights: which weights, by content stamp
-        payload["init_weights"] = [init, os.path.getsize(init), os.path.getmtime(init)]
+    sections = used_sections(spec.method) | ({spec.section} if spec.section else set())
+    payload = {"data": data.manifest["config_hash"], "resample": dataclasses.asdict(spec_resample(cfg, spec)),
+               "model": dataclasses.asdict(cfg.model), "train": train, "seed": cfg.seed, "spec":
+               dataclasses.asdict(dataclasses.replace(spec, steps=0, init=None, source=None))}
+    payload.update({name: dataclasses.asdict(getattr(cfg, name)) for name in sorted(sections)})
+    payload["init_weights"] = _stamp(weights_path(cfg, spec.init))  # by content stamp, not by name
+    payload["source_weights"] = _stamp(weights_path(cfg, spec.source))
     return stable_hash(payload)
 
 
-def _finished(cfg: Config, data: DatasetArtifact, method: str) -> ModelArtifact | None:
-    out = (cfg.run_dir / "train" / method).resolve()
+def _artifact_file(spec: TrainSpec) -> str:
+    return "features.pt" if spec.kind == "features" else "model.pt"
+
+
+def _finished(cfg: Config, data: DatasetArtifact, spec: TrainSpec) -> ModelArtifact | None:
+    out = (cfg.run_dir / "train" / spec.name).resolve()
     try:
         manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if (manifest.get("run_key") == run_key(cfg, data, method) and (out / "model.pt").is_file()
-            and manifest["metrics"].get("step") == method_steps(cfg, method)):
-        return ModelArtifact(method, out, manifest["metrics"], skipped=True)
+    if (manifest.get("run_key") == run_key(cfg, data, spec) and (out / _artifact_file(spec)).is_file()
+            and manifest["metrics"].get("step") == spec.steps):
+        return ModelArtifact(spec.name, out, manifest["metrics"], skipped=True)
     return None
 
 
 def run_train(cfg: Config, data: DatasetArtifact, tune_hooks: dict | None = None) -> dict[str, ModelArtifact]:
-    """Train (or reuse) every method of `cfg.train.methods`; returns method -> artifact."""
+    """Train (or reuse) every method of `cfg.train.methods` (and what they need); returns
+    method -> artifact."""
     for method in cfg.train.methods:
         method_parts(method)  # names checked before Ray places anything
-    base = [m for m in cfg.train.methods if not is_finetuned(cfg, m)]
-    finetuned = [m for m in cfg.train.methods if is_finetuned(cfg, m)]
     out: dict[str, ModelArtifact] = {}
-    for wave in (base, finetuned):
-        if wave:
-            out.update(train_methods(cfg, data, wave, tune_hooks))
+    for wave in plan_specs(cfg, data):
+        out.update(train_wave(cfg, data, wave, tune_hooks))
     return {m: out[m] for m in cfg.train.methods}
 
 
-def train_methods(cfg: Config, data: DatasetArtifact, methods: list[str],
-                  tune_hooks: dict | None = None) -> dict[str, ModelArtifact]:
-    """One wave: every unfinished method of `methods` as a job of one TorchTrainer run."""
+def train_wave(cfg: Config, data: DatasetArtifact, specs: list[TrainSpec],
+               tune_hooks: dict | None = None) -> dict[str, ModelArtifact]:
+    """One wave: every unfinished spec as a job of one TorchTrainer run."""
     from pipeline.common.progress import stage_progress
 
-    results = {m: art for m in methods if (art := _finished(cfg, data, m)) is not None}
-    for method, art in results.items():
-        log.info("train[%s]: reusing %s (step %s)", method, art.path, art.metrics.get("step"))
-    todo = [m for m in methods if m not in results]
+    results = {s.name: art for s in specs if (art := _finished(cfg, data, s)) is not None}
+    for name, art in results.items():
+        log.info("train[%s]: reusing %s (step %s)", name, art.path, art.metrics.get("step"))
+    todo = [s for s in specs if s.name not in results]
     if not todo:
         return results
     use_gpu = resolve_use_gpu(cfg.train.use_gpu, cluster_gpus(), "train")
-    keys = {m: run_key(cfg, data, m) for m in methods}
+    keys = {s.name: run_key(cfg, data, s) for s in specs}
     storage = (cfg.run_dir / "train" / "ray").resolve()
     # named after the whole wave, finished jobs included, so a rerun resumes the same Ray run
-    name = f"{'-'.join(methods).replace('+', '-')[:80]}-{stable_hash(keys)}"
-    jobs = [_job(cfg, data, m, keys[m], use_gpu, tune_hooks) for m in todo]
+    name = f"{'-'.join(s.name for s in specs).replace('+', '-')[:80]}-{stable_hash(keys)}"
+    jobs = [_job(cfg, data, s, use_gpu, tune_hooks) for s in todo]
     hooks = tune_hooks or {}
     with (contextlib.nullcontext() if tune_hooks else stage_progress("train")):  # a Tune trial has no terminal
-        run_jobs(LOOP, jobs, name=name, storage=storage, scaling=Scaling(cfg.train.num_workers, use_gpu,
-                                                                          cfg.train.cpus_per_worker),
+        run_jobs("pipeline.stages.s2_train_loop:train_job", jobs, name=name, storage=storage,
+                 scaling=Scaling(cfg.train.num_workers, use_gpu, cfg.train.cpus_per_worker),
                  keep=cfg.train.keep_checkpoints, max_failures=cfg.train.max_failures, callbacks=hooks.get("callbacks"),
-                 what=f"training {', '.join(todo)}",
-                 pending=lambda js: [j for j in js if _finished_export(cfg, data, j.name) is None])
-    for method in todo:
-        results[method] = _finish(cfg, data, method, keys[method], storage / name, use_gpu)
+                 what=f"training {', '.join(s.name for s in todo)}",
+                 pending=lambda js: [j for j in js if not _exported(cfg, j.config)])
+    for spec in todo:
+        results[spec.name] = _finish(cfg, data, spec, keys[spec.name], storage / name, use_gpu)
     return results
 
 
-def _finished_export(cfg: Config, data: DatasetArtifact, method: str):
-    """A job's exported model.pt + final.json exist (written by its rank 0 when it ended)."""
-    out = (cfg.run_dir / "train" / method).resolve()
-    return out if (out / "final.json").is_file() and (out / "model.pt").is_file() else None
+def _exported(cfg: Config, job_config: dict) -> bool:
+    """A job's artifact + final.json exist (written by its rank 0 when it ended)."""
+    out = Path(job_config["out_dir"])
+    return (out / "final.json").is_file() and (out / job_config["artifact"]).is_file()
 
 
-def _job(cfg: Config, data: DatasetArtifact, method: str, key: str, use_gpu: bool, tune_hooks) -> Job:
+def _job(cfg: Config, data: DatasetArtifact, spec: TrainSpec, use_gpu: bool, tune_hooks) -> Job:
     from pipeline.common.streams import resampled_stream
 
-    out = (cfg.run_dir / "train" / method).resolve()
+    out = (cfg.run_dir / "train" / spec.name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "final.json").unlink(missing_ok=True)  # a stale end marker of an earlier, different run
     per_worker = cfg.train.batch_size // cfg.train.num_workers
-    rcfg = dataclasses.replace(method_resample(cfg, method), batch_size=per_worker)
-    needs = method_needs(method, cfg.method_options())
-    for name in needs.diagnostics:
-        plot_diagnostic(cfg, data, method, name, rcfg, out)
-    config = {"config": cfg.to_dict(), "method": method, "steps": method_steps(cfg, method),
-              "manifest": data.manifest, "out_dir": str(out), "init_weights": init_weights_path(cfg, method),
-              "use_gpu": use_gpu, "start_epoch": 0}
+    rcfg = dataclasses.replace(spec_resample(cfg, spec), batch_size=per_worker)
+    if spec.kind == "diffusion":
+        for diagnostic in _needs(cfg, spec.method).diagnostics:
+            plot_diagnostic(cfg, data, spec.method, diagnostic, rcfg, out)
+    guidance = None
+    if spec.kind == "diffusion" and _needs(cfg, spec.method).guidance:
+        guidance = {"kind": _needs(cfg, spec.method).guidance, "scale": _needs(cfg, spec.method).guidance_scale,
+                    "weights": str((cfg.run_dir / "train" / f"{spec.name}-features" / "features.pt").resolve())}
+    config = {"config": cfg.to_dict(), "method": spec.method, "name": spec.name, "kind": spec.kind,
+              "loop": LOOPS[spec.kind], "steps": spec.steps, "manifest": data.manifest, "out_dir": str(out),
+              "artifact": _artifact_file(spec), "init_weights": weights_path(cfg, spec.init),
+              "source_weights": weights_path(cfg, spec.source), "conditional": spec.conditional,
+              "section": spec.section, "guidance": guidance, "use_gpu": use_gpu, "start_epoch": 0}
     if (tune_hooks or {}).get("proxy"):
         config["proxy"] = tune_hooks["proxy"]
-    seed = derive_seed(cfg.seed, "resample", method)
+    seed = derive_seed(cfg.seed, "resample", spec.name)
 
     def stream(start_epoch: int):
         config["start_epoch"] = start_epoch
         return resampled_stream(data.split_dir("train"), data.image_shape, rcfg, seed=seed, start_epoch=start_epoch,
-                                num_classes=data.num_classes)
+                                num_classes=data.num_classes, classes=spec.classes)
 
-    return Job(name=method, config=config, stream=stream)
+    return Job(name=spec.name, config=config, stream=stream)
 
 
-def _finish(cfg: Config, data: DatasetArtifact, method: str, key: str, ray_run: Path, use_gpu: bool) -> ModelArtifact:
-    out = (cfg.run_dir / "train" / method).resolve()
+def _finish(cfg: Config, data: DatasetArtifact, spec: TrainSpec, key: str, ray_run: Path,
+            use_gpu: bool) -> ModelArtifact:
+    out = (cfg.run_dir / "train" / spec.name).resolve()
     try:
         metrics = json.loads((out / "final.json").read_text())
     except (OSError, json.JSONDecodeError):
-        raise TaildiffError(f"training {method} ended without its export; see the Ray logs under {ray_run}") from None
-    plot_loss_curve(out / "loss.csv", out / "loss.png", title=f"{cfg.name}: {method}")
+        raise TaildiffError(f"training {spec.name} ended without its export; see the Ray logs under {ray_run}") from None
+    plot_loss_curve(out / "loss.csv", out / "loss.png", title=f"{cfg.name}: {spec.name}")
     write_json(out / "metrics.json", metrics)
-    manifest = {"method": method, "run_key": key, "ray_run": str(ray_run), "metrics": metrics,
-                "dataset": str(data.path), "init_from": init_weights_path(cfg, method),
-                "resample": method_resample(cfg, method).mode, "use_gpu": use_gpu, "config": cfg.to_dict()}
-    write_json(out / "manifest.json", manifest)  # last: marks the method finished
-    log.info("train[%s]: %d steps, final loss %.4f, %.1f img/s", method, metrics["step"],
+    manifest = {"method": spec.method, "name": spec.name, "spec": dataclasses.asdict(spec), "run_key": key,
+                "ray_run": str(ray_run), "metrics": metrics, "dataset": str(data.path),
+                "init_from": weights_path(cfg, spec.init), "source": weights_path(cfg, spec.source),
+                "resample": spec_resample(cfg, spec).mode, "use_gpu": use_gpu, "config": cfg.to_dict()}
+    write_json(out / "manifest.json", manifest)  # last: marks the model finished
+    log.info("train[%s]: %d steps, final loss %.4f, %.1f img/s", spec.name, metrics["step"],
              metrics.get("loss", float("nan")), metrics.get("images_per_second", float("nan")))
-    return ModelArtifact(method, out, metrics, skipped=False)
+    return ModelArtifact(spec.name, out, metrics, skipped=False)
 
 
 def plot_loss_curve(csv_path: Path, png_path: Path, title: str) -> None:
@@ -249,4 +319,3 @@ def plot_diagnostic(cfg: Config, data: DatasetArtifact, method: str, name: str, 
     fig.savefig(out / f"{name}.png", dpi=110)
     plt.close(fig)
     return out / f"{name}.png"
-

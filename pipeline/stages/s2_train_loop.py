@@ -9,6 +9,7 @@ diverged run is ever written.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,14 +28,15 @@ from pipeline.common.progress import report_progress
 from pipeline.config import config_from_dict
 
 
-def train_hparams(cfg, use_gpu: bool):
+def train_hparams(cfg, use_gpu: bool, total_steps: int = 0):
     from models.diffusion.training import TrainHParams
 
     t = cfg.train
     channels_last = use_gpu if t.channels_last is None else t.channels_last
     return TrainHParams(lr=t.lr, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
                         ema_warmup=t.ema_warmup, p_uncond=t.p_uncond, cond_drop=cfg.model.cond_drop,
-                        bf16=t.bf16, channels_last=channels_last)
+                        bf16=t.bf16, channels_last=channels_last, lr_schedule=t.lr_schedule,
+                        decay_fraction=t.decay_fraction, total_steps=total_steps)
 
 
 class LossLog:
@@ -80,8 +82,13 @@ def _export(state, out_dir: Path, run_config: dict) -> None:
     os.replace(tmp, out_dir / "model.pt")
 
 
+def train_job(job: dict, shard, checkpoint) -> dict:
+    """The launcher's per-job loop: a diffusion model or a guidance feature network."""
+    return (train_features_job if job["kind"] == "features" else train_method_job)(job, shard, checkpoint)
+
+
 def train_method_job(job: dict, shard, checkpoint) -> dict:
-    """One diffusion method on this worker group (the launcher's per-job loop)."""
+    """One diffusion model on this worker group."""
     import ray.train
     import ray.train.torch
 
@@ -95,7 +102,9 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
     device = ray.train.torch.get_device()
 
     job_started = time.perf_counter()
-    hp = train_hparams(cfg, job["use_gpu"])
+    hp = train_hparams(cfg, job["use_gpu"], job["steps"])
+    if not job.get("conditional", True):  # an unconditional backbone: every label is the null label
+        hp = dataclasses.replace(hp, p_uncond=1.0)
     state = make_train_state(build_net(cfg, manifest), hp, derive_seed(cfg.seed, "train", method, rank), device)
     schedule = make_schedule(cfg)
     loss_fn = make_loss(method, cfg.method_options(), manifest["class_counts"], T=schedule.T)
@@ -103,7 +112,8 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
     if job.get("source_weights"):  # a frozen source model the loss compares against (DiffRC)
         source, _, _ = load_model(Path(job["source_weights"]), device)
         inputs["source"] = source
-    run_config = {"run": cfg.to_dict(), "manifest": manifest, "method": method}
+    run_config = {"run": cfg.to_dict(), "manifest": manifest, "method": method,
+                  "conditional": job.get("conditional", True), "guidance": job.get("guidance")}
     total, per_worker = job["steps"], cfg.train.batch_size // world
 
     epoch, skip, metrics = job["start_epoch"], 0, {}
@@ -196,4 +206,74 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
     if rank == 0:
         (out_dir / "final.json").write_text(json.dumps(final))
         _export(state, out_dir, run_config)
+    return final
+
+
+def train_features_job(job: dict, shard, checkpoint) -> dict:
+    """The time-conditioned feature network of a prototype guidance (DiffRC Eq. 11–12) on noisy
+    images of the LT stream; rank 0 exports features.pt (weights, prototypes, class prior)."""
+    import ray.train
+    import ray.train.torch
+
+    from models.methods.diffrc import PrototypeNet, feature_train_step
+
+    cfg = config_from_dict(job["config"])
+    opts = getattr(cfg, job["section"])
+    manifest, out_dir = job["manifest"], Path(job["out_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.torch_threads or max(1, round(cfg.train.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    counts = torch.tensor(manifest["class_counts"], dtype=torch.float32)
+    torch.manual_seed(derive_seed(cfg.seed, "features", job["name"], rank))
+    net = PrototypeNet(manifest["image_shape"][2], len(counts), ch=opts.feature_ch, dim=opts.feature_dim).to(device)
+    net.prior.copy_(counts / counts.sum())  # π_k = N_k / N (Eq. 12)
+    opt = torch.optim.Adam(net.parameters(), lr=opts.feature_lr)
+    generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "features-draws", job["name"], rank))
+    step, epoch = 0, job["start_epoch"]
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            blob = torch.load(Path(ckpt_dir) / "state.pt", map_location="cpu", weights_only=True)
+        net.load_state_dict(blob["net"])
+        opt.load_state_dict(blob["opt"])
+        generator.set_state(blob["generator"])
+        step, epoch = blob["step"], blob["epoch"]
+    if world > 1:
+        net = ray.train.torch.prepare_model(net, move_to_device=False)
+    model = net.module if hasattr(net, "module") else net
+    schedule = make_schedule(cfg)
+    per_worker, total = cfg.train.batch_size // world, job["steps"]
+    loss_log = LossLog(out_dir / "loss.csv", rank == 0, step)
+    started, window, running = time.perf_counter(), 0, torch.zeros(())
+    while step < total:
+        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, prefetch_batches=2):
+            x0 = to_model_space(batch["image"].to(device), cfg.model.image_size)
+            running = running + feature_train_step(model, opt, x0, batch["label"].to(device), schedule, opts,
+                                                   generator).cpu()
+            step, window = step + 1, window + 1
+            epoch = int(batch["epoch"][0])
+            if step % cfg.train.log_every == 0 or step >= total:
+                loss = (running / window).item()
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(f"the feature network of {job['name']} diverged at step {step}")
+                loss_log.write({"step": step, "epoch": epoch, "loss_pc": loss})
+                running, window = torch.zeros(()), 0
+                if rank == 0:
+                    report_progress(f"train/{job['name']}", step, total, "step")
+            if step % cfg.train.checkpoint_every == 0 or step >= total:
+                blob = {"net": model.state_dict(), "opt": opt.state_dict(), "generator": generator.get_state(),
+                        "step": step, "epoch": epoch}
+                report_checkpoint(job["name"], {"state.pt": lambda p: torch.save(blob, p)},
+                                  {"step": step, "epoch": epoch, "batches_in_epoch": 0}, {"step": step}, rank)
+            if step >= total:
+                break
+        else:
+            epoch += 1
+    final = {"step": step, "epoch": epoch, "fit_seconds": round(time.perf_counter() - started, 2)}
+    if rank == 0:
+        export = {"net": model.state_dict(), "in_channels": manifest["image_shape"][2], "num_classes": len(counts),
+                  "ch": opts.feature_ch, "dim": opts.feature_dim, "temperature": opts.temperature, "step": step}
+        torch.save(export, out_dir / "features.pt.tmp")
+        os.replace(out_dir / "features.pt.tmp", out_dir / "features.pt")
+        (out_dir / "final.json").write_text(json.dumps(final))
     return final

@@ -37,6 +37,36 @@ def dataset_section(data: DatasetArtifact, base: Path) -> list[str]:
     return lines + [""] + _image(data.path / "class_counts.png", base, "class counts")
 
 
+def methods_section(cfg: Config) -> list[str]:
+    """The run's methods as the registry describes them, with the knob values this run used."""
+    import dataclasses
+
+    from models.methods.registry import method_parts
+
+    lines = ["## Methods", "", "| method | parts | paper | what it does | knobs (this run) |", "|---|---|---|---|---|"]
+    for name in cfg.train.methods:
+        parts = method_parts(name)
+        knobs = []
+        for m in parts:
+            if m.section:
+                values = dataclasses.asdict(getattr(cfg, m.section))
+                knobs.append(", ".join(f"{m.section}.{k}={v}" for k, v in values.items()))
+        lines.append(f"| {name} | {' + '.join(m.name for m in parts)} | {'; '.join(m.paper for m in parts)} | "
+                     f"{'; '.join(m.summary for m in parts)} | {'; '.join(dict.fromkeys(knobs)) or '—'} |")
+    return lines + [""]
+
+
+def devices_line(outputs: dict) -> list[str]:
+    devices = outputs.get("devices")
+    if not devices:
+        return []
+    parts = [f"{section}: {'GPU' if d['use_gpu'] else 'CPU'}{' bf16' if d['bf16'] else ''}"
+             f"{' channels_last' if d['channels_last'] else ''}{' fused optimiser' if d['fused_optimizer'] else ''}"
+             for section, d in devices.items() if isinstance(d, dict)]
+    return [f"Devices (`use_gpu` resolved against the cluster, {devices.get('cluster_gpus', 0):g} GPUs): "
+            + "; ".join(parts) + ".", ""]
+
+
 def training_section(models: dict, base: Path) -> list[str]:
     lines = ["## Training", "", "| method | steps | final loss | img/s | fit seconds | reused |", "|---|---|---|---|---|---|"]
     for method, art in models.items():
@@ -103,8 +133,10 @@ def run_report(cfg: Config, outputs: dict) -> Path:
     base = cfg.run_dir
     lines = [f"# taildiff report: {cfg.name}", "",
              f"Resolved config: [`config.json`](config.json) (seed {cfg.seed}); stages run: {', '.join(cfg.stages)}.", ""]
+    lines += devices_line(outputs)
     lines += dataset_section(outputs["data"], base)
     if outputs.get("train"):
+        lines += methods_section(cfg)
         lines += training_section(outputs["train"], base)
     if outputs.get("evaluate"):
         lines += generation_section(cfg, outputs["evaluate"], base)

@@ -30,18 +30,22 @@ class GuidanceWorker:
         from pipeline.common.features import balanced_plan, load_extractor
 
         torch.set_num_threads(max(1, threads))
-        self.net, self.cfg, self.manifest = load_model(Path(weights))
+        self.weights = Path(weights)
+        self.net, self.cfg, self.manifest = load_model(self.weights)
         self.schedule = make_schedule(self.cfg)
         self.extractor = load_extractor(extractor_weights)
         self.labels, self.seeds = balanced_plan(len(self.manifest["class_names"]), images, self.cfg.seed, "guidance")
 
     def run(self, sample: dict) -> tuple[np.ndarray, np.ndarray, float]:
         from pipeline.common.features import extract, generate_images
+        from pipeline.common.generation import build_denoiser
 
         started = time.perf_counter()
-        images = generate_images(self.net, self.schedule, self.manifest, self.cfg.model.image_size, self.labels, self.seeds,
-                          sampler=sample["sampler"], steps=sample["steps"], omega=sample["omega"], eta=sample["eta"],
-                          batch_size=sample["batch_size"], bf16=sample["bf16"])
+        denoiser = build_denoiser(self.net, self.weights, sample["omega"], sample["bf16"], self.schedule, "cpu",
+                                  sample.get("guidance_scale"))
+        images = generate_images(self.net, self.schedule, self.manifest, self.cfg.model.image_size, self.labels,
+                                 self.seeds, sampler=sample["sampler"], steps=sample["steps"], eta=sample["eta"],
+                                 batch_size=sample["batch_size"], denoiser=denoiser)
         return extract(self.extractor, images), self.labels, time.perf_counter() - started
 
 
@@ -83,4 +87,4 @@ def run_sample_sweep(checkpoints: dict[str, tuple], space: SearchSpace, images: 
 
 def _sample_dict(s) -> dict:
     return {"sampler": s.sampler, "steps": s.steps, "omega": s.omega, "eta": s.eta, "batch_size": s.batch_size,
-            "bf16": s.bf16}
+            "bf16": s.bf16, "guidance_scale": s.guidance_scale}

@@ -31,10 +31,12 @@ def max_concurrent(cfg: Config, resources: dict) -> int:
     """Trials that fit at once. Each trial's train workers hold num_workers × cpus_per_worker CPUs
     (and a GPU each with use_gpu), and its Ray Data stream needs one more CPU for its read /
     resample task: with fewer, concurrent trials deadlock waiting for their data."""
+    from pipeline.common.devices import resolve_use_gpu
+
     t = cfg.train
     per_trial = t.num_workers * t.cpus_per_worker + 1.0
     fit = int(math.floor(resources.get("CPU", 1) / per_trial + 1e-9))
-    if t.use_gpu:
+    if resolve_use_gpu(t.use_gpu, resources.get("GPU", 0), "train"):
         fit = min(fit, int(resources.get("GPU", 0) // t.num_workers))
     return max(1, fit)
 

@@ -1,0 +1,123 @@
+"""The fixed cost of a Ray Train fit, per fit, before and after the classifier arms share a worker group.
+
+Runs the classify stage's own `train_arms` on the digits preset (the real Ray Train, Ray Data
+streams and checkpoints) for `--arms` classifier arms of `--epochs` epochs, twice, in one process:
+  per-fit    every arm in its own TorchTrainer run (what the stage did before: one fit per arm)
+  one-group  all arms as jobs of one TorchTrainer run (what it does now)
+and reports, per arm, the wall time, the time the arm's own loop spent training (its fit_seconds,
+measured inside the worker) and their difference, the fixed cost: worker-group start-up, imports,
+the dataset's streaming split, checkpoint reads and the driver's wait. Also a diffusion fine-tune
+wave the same way (`--finetunes`). Prints one table; the ratio is measured in this one run.
+
+    python benchmarks/bench_fit_overhead.py [--arms 4] [--epochs 2] [--finetunes 2]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+
+def _arms(cfg, n):
+    from pipeline.stages.s5_classify import plan_arms
+
+    return [a for a in plan_arms(cfg) if a.method is None][:n]
+
+
+def measure_classify(out: Path, arms: int, epochs: int) -> dict:
+    from pipeline.config import load_config
+    from pipeline.stages.s1_data import run_data
+    from pipeline.stages.s5_classify import train_arms
+
+    rows = {}
+    for mode in ("per-fit", "one-group"):
+        cfg = load_config(REPO / "configs" / "digits_lt.yaml", [
+            f"output_dir={out / mode}", f"classify.epochs={epochs}", "classify.batch_size=64", "classify.synthetic=none",
+            "classify.baselines=[ce,rs,la,ldam_drw]", "classify.eval_every=100", "classify.bf16=false"])
+        data = run_data(cfg)
+        chosen = _arms(cfg, arms)
+        sets = {None: (data.split_dir("train"), data.manifest["config_hash"],
+                       {"real": data.manifest["class_counts"], "synthetic": [0] * data.num_classes})}
+        started = time.perf_counter()
+        if mode == "per-fit":
+            results = {}
+            for arm in chosen:
+                results.update(train_arms(cfg, data, [arm], sets))
+        else:
+            results = train_arms(cfg, data, chosen, sets)
+        wall = time.perf_counter() - started
+        inside = sum(r.metrics["fit_seconds"] for r in results.values())
+        rows[mode] = {"fits": 1 if mode == "one-group" else len(chosen), "arms": len(chosen), "wall": wall,
+                      "training": inside, "fixed_per_arm": (wall - inside) / len(chosen),
+                      "arm_seconds": inside / len(chosen)}
+    return rows
+
+
+def measure_finetunes(out: Path, finetunes: int) -> dict:
+    from pipeline.config import load_config
+    from pipeline.stages.s1_data import run_data
+    from pipeline.stages.s2_train import TrainSpec, plan_specs, train_wave
+
+    rows = {}
+    methods = ["ddpm"] + ["cbdm", "t2h", "reweight", "h2t"][:finetunes]
+    for mode in ("per-fit", "one-group"):
+        cfg = load_config(REPO / "configs" / "digits_lt.yaml", [
+            f"output_dir={out / ('ft-' + mode)}", f"train.methods=[{','.join(methods)}]", "train.init_from=ddpm",
+            "train.steps=60", "train.finetune_steps=40", "train.checkpoint_every=40", "train.log_every=20"])
+        data = run_data(cfg)
+        waves = plan_specs(cfg, data)
+        train_wave(cfg, data, waves[0])  # the DDPM, not measured
+        started = time.perf_counter()
+        results = {}
+        if mode == "per-fit":
+            for spec in waves[1]:
+                results.update(train_wave(cfg, data, [spec]))
+        else:
+            results = train_wave(cfg, data, waves[1])
+        wall = time.perf_counter() - started
+        inside = sum(r.metrics["fit_seconds"] for r in results.values())
+        n = len(waves[1])
+        rows[mode] = {"fits": 1 if mode == "one-group" else n, "arms": n, "wall": wall, "training": inside,
+                      "fixed_per_arm": (wall - inside) / n, "arm_seconds": inside / n}
+        assert all(isinstance(s, TrainSpec) for s in waves[1])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arms", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--finetunes", type=int, default=2)
+    args = parser.parse_args()
+    import ray
+
+    from pipeline.common.ray_setup import init_ray
+
+    init_ray(num_cpus=2)
+    out = Path(tempfile.mkdtemp(prefix="bench-fit-"))
+    try:
+        table = {"classifier arms": measure_classify(out, args.arms, args.epochs)}
+        if args.finetunes:
+            table["diffusion fine-tunes"] = measure_finetunes(out, args.finetunes)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(out, ignore_errors=True)
+    print("| jobs | mode | TorchTrainer fits | wall s | training s (inside the loops) | fixed cost per job s | "
+          "fixed / job's training |")
+    print("|---|---|---|---|---|---|---|")
+    for what, rows in table.items():
+        for mode, r in rows.items():
+            print(f"| {r['arms']} {what} | {mode} | {r['fits']} | {r['wall']:.1f} | {r['training']:.1f} | "
+                  f"{r['fixed_per_arm']:.1f} | {r['fixed_per_arm'] / max(r['arm_seconds'], 1e-9):.0%} |")
+        before, after = rows["per-fit"]["fixed_per_arm"], rows["one-group"]["fixed_per_arm"]
+        print(f"{what}: fixed cost per job {before:.1f} s -> {after:.1f} s ({before / max(after, 1e-9):.1f}x less)")
+
+
+if __name__ == "__main__":
+    main()

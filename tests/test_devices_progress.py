@@ -1,0 +1,61 @@
+"""`use_gpu: auto` resolution, per-device choices, the progress lines' CI mode, and how worker
+errors reach the user (no Ray needed: the logic is tested on its own)."""
+import logging
+
+import pytest
+
+from pipeline.common.devices import device_choice, resolve_use_gpu
+from pipeline.common.launcher import DeterministicError, is_deterministic, worker_error_line
+from pipeline.common.progress import LocalProgress, _Renderer
+from pipeline.errors import ConfigError
+
+
+def test_use_gpu_auto_true_false():
+    assert resolve_use_gpu("auto", 0, "train") is False
+    assert resolve_use_gpu("auto", 2, "train") is True
+    assert resolve_use_gpu(False, 8, "sample") is False
+    assert resolve_use_gpu(True, 1, "classify") is True
+    with pytest.raises(ConfigError, match="train.use_gpu=true but the Ray cluster has no GPU: set train.use_gpu=auto"):
+        resolve_use_gpu(True, 0, "train")
+
+
+def test_device_choices_follow_the_device():
+    gpu, cpu = device_choice(True, True), device_choice(False, True)
+    assert gpu.channels_last and gpu.fused_optimizer and gpu.bf16
+    assert not cpu.channels_last and not cpu.fused_optimizer and cpu.bf16
+    assert device_choice(False, False, channels_last=True).channels_last  # an explicit setting wins
+
+
+def test_every_section_defaults_to_auto(make_config):
+    cfg = make_config("fmnist_lt")
+    assert {getattr(cfg, s).use_gpu for s in ("train", "sample", "evaluate", "classify")} == {"auto"}
+    with pytest.raises(ConfigError, match="use auto, true or false"):
+        make_config("fmnist_lt", "train.use_gpu=maybe")
+
+
+def test_progress_lines_in_ci_every_ten_percent(caplog):
+    caplog.set_level(logging.INFO, logger="taildiff.progress")
+    renderer = _Renderer(live=False, every_percent=10)
+    for done in range(0, 101, 5):
+        renderer.draw({"train/ddpm": (done, 100, "step", 0.0, 10.0 + done)})
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 11 and lines[-1].startswith("train/ddpm: 100/100 step (100%)")
+    assert "step/s" in lines[3] and "ETA" in lines[3]
+    local = LocalProgress("sample/ddpm", 40, "img", live=False)
+    local.update(40)
+    assert any("sample/ddpm: 40/40 img" in r.getMessage() for r in caplog.records)
+
+
+def test_worker_errors_keep_their_own_message():
+    class Wrapped(Exception):
+        def __init__(self, cause):
+            super().__init__("Training failed due to worker errors:\n...")
+            self.worker_failures = {0: cause}
+
+    bad_init = DeterministicError("train.init_from: cannot read /x/model.pt (UnpicklingError: bad); give a model.pt")
+    line = worker_error_line(Wrapped(bad_init))
+    assert line.startswith("DeterministicError: train.init_from: cannot read /x/model.pt")
+    assert is_deterministic(Wrapped(bad_init))
+    assert not is_deterministic(Wrapped(RuntimeError("The actor died unexpectedly before finishing this task")))
+    trace = "Traceback (most recent call last):\n  File x\n    raise NonFiniteLossError(f'...')\nNonFiniteLossError: loss nan"
+    assert worker_error_line(RuntimeError(trace)) == "NonFiniteLossError: loss nan"

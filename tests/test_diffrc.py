@@ -1,0 +1,152 @@
+"""DiffRC (Eq. 5–13) on hand-computable inputs: the pair-wise diversity loss, the prototype
+contrastive loss and its EMA prototypes, and the guidance on every sampler."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.diffusion.guidance import CFGDenoiser, ClassifierGuidance, ImageNoise
+from models.diffusion.samplers import SAMPLERS, generate
+from models.diffusion.schedule import NoiseSchedule
+from models.methods.diffrc import (DiffRCOptions, PrototypeNet, guidance_direction, head_classes, pair_kl,
+                                   prototype_contrastive_loss, prototype_logits, update_prototypes)
+from models.methods.registry import default_options, make_loss, method_needs
+
+SCHEDULE = NoiseSchedule()
+
+
+class StubNet(nn.Module):
+    def __init__(self, scale=1.0, num_classes=4):
+        super().__init__()
+        self.a = nn.Parameter(torch.full((num_classes + 1,), float(scale)))
+        self.null_label = num_classes
+
+    def forward(self, x, t, y):
+        return self.a[y].view(-1, 1, 1, 1) * x + 0.1 * torch.sin(x * 3)
+
+
+def test_pair_loss_is_zero_when_the_target_is_the_source():
+    x0 = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([3, 3, 3, 2, 2, 0])
+    kl = pair_kl(x0, x0, labels, torch.tensor([100, 50, 10, 1]), head=[0], gamma=0.1)
+    # γ^{N_k} scales only the target's logits: equal inputs differ by the 1/(1+γ^N) factor alone
+    assert kl[5] == 0  # head class
+    assert kl[:5].abs().max() < 1e-3  # 0.1^10 ≈ 0 and 0.1^1 = 0.1 for class 3: small but not exact
+    exact = pair_kl(x0, x0, labels, torch.tensor([100, 50, 10, 1000]), head=[0], gamma=0.1)
+    assert exact.abs().max() < 1e-6
+
+
+def test_pair_loss_by_hand_on_three_samples_with_gamma_scaling():
+    tar = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    sou = torch.tensor([[1.0, 0.2], [0.1, 1.0], [1.0, -1.0]])
+    labels, counts = torch.tensor([1, 1, 1]), torch.tensor([500, 2])
+    kl = pair_kl(tar, sou, labels, counts, head=[0], gamma=0.1)
+    scale = 1 / (1 + 0.1 ** 2)
+    cos = lambda a, b: F.cosine_similarity(a[None], b[None]).item()  # noqa: E731
+    for i in range(3):
+        js = [j for j in range(3) if j != i]
+        p_t = torch.tensor([cos(tar[i], tar[j]) * scale for j in js]).softmax(0)
+        p_s = torch.tensor([cos(sou[i], sou[j]) for j in js]).softmax(0)
+        assert kl[i].item() == pytest.approx((p_t * (p_t / p_s).log()).sum().item(), rel=1e-5)  # KL(p_tar ‖ p_sou)
+    reverse = pair_kl(sou, tar, labels, counts, head=[0], gamma=0.1)
+    assert not torch.allclose(kl, reverse)  # the direction matters
+
+
+def test_head_classes_never_contribute_and_head_is_the_many_third():
+    opts = DiffRCOptions()
+    assert head_classes(opts, [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]) == [0, 1, 2]
+    assert head_classes(dataclasses.replace(opts, head="threshold", head_threshold=1000), [1200, 999, 3000]) == [0, 2]
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    kl = pair_kl(x, x.flip(0), torch.tensor([0, 0, 1, 1]), torch.tensor([9, 9]), head=[0, 1], gamma=0.1)
+    assert torch.equal(kl, torch.zeros(4))
+
+
+def test_source_gets_no_gradient_and_the_loss_trains_the_target():
+    opts = default_options()
+    loss = make_loss("diffrc_cfg", opts, [100, 50, 10, 5])
+    target, source = StubNet(1.0), StubNet(0.7)
+    x0 = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([2, 2, 2, 3, 3, 3, 0, 1])
+    out = loss(target, x0, y, SCHEDULE, generator=torch.Generator().manual_seed(0), source=source)
+    out["loss"].mean().backward()
+    assert source.a.grad is None and target.a.grad is not None
+    assert out["diffrc_pair"][6:].abs().sum() == 0 and out["diffrc_pair"][:6].abs().sum() > 0
+    assert method_needs("diffrc", opts).resample == "balanced_batch" and not method_needs("diffrc", opts).conditional
+    with pytest.raises(ValueError, match="source"):
+        loss(target, x0, y, SCHEDULE, generator=torch.Generator().manual_seed(0))
+
+
+def test_unconditional_diffrc_feeds_the_null_label():
+    seen = []
+
+    class Spy(StubNet):
+        def forward(self, x, t, y):
+            seen.append(y.clone())
+            return super().forward(x, t, y)
+
+    loss = make_loss("diffrc", default_options(), [100, 50, 10, 5])
+    x0 = torch.randn(4, 1, 2, 2)
+    loss(Spy(), x0, torch.tensor([2, 2, 3, 3]), SCHEDULE, generator=torch.Generator().manual_seed(0), source=Spy())
+    assert all(bool((y == 4).all()) for y in seen)
+
+
+def test_prototype_contrastive_loss_is_equation_12_by_hand():
+    feats = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=1)
+    protos = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), dim=1)
+    prior = torch.tensor([0.7, 0.2, 0.1])
+    labels = torch.tensor([0, 1])
+    got = prototype_contrastive_loss(feats, labels, protos, prior, 0.5)  # τ = 0.07 saturates these inputs
+    for i in range(2):
+        num = prior[labels[i]] * math.exp(float(feats[i] @ protos[labels[i]]) / 0.5)
+        den = sum(prior[j] * math.exp(float(feats[i] @ protos[j]) / 0.5) for j in range(3))
+        assert got[i].item() == pytest.approx(-math.log(num / den), rel=1e-5)
+    assert prototype_logits(feats, protos, prior, 0.07).shape == (2, 3)
+
+
+def test_prototype_ema_update_and_normalisation():
+    protos = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    f = F.normalize(torch.tensor([[0.0, 1.0]]), dim=1)
+    update_prototypes(protos, f, torch.tensor([0]), momentum=0.9)
+    expected = F.normalize(torch.tensor([0.9, 0.1]), dim=0)
+    assert torch.allclose(protos[0], expected) and torch.allclose(protos[1], torch.tensor([0.0, 1.0]))
+    assert protos.norm(dim=1).sub(1).abs().max() < 1e-6
+
+
+def _features_net(seed=0):
+    torch.manual_seed(seed)
+    net = PrototypeNet(1, 3, ch=16, dim=8, ch_mult=(1, 2), groups=4).eval()
+    return net
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_guidance_scale_zero_is_the_plain_sampler_bit_for_bit(sampler):
+    net = _features_net()
+    eps_net = StubNet(0.5, num_classes=3)
+    schedule = NoiseSchedule(T=50)
+    den = CFGDenoiser(eps_net, 1.0, 3)
+    y = torch.tensor([0, 1, 2])
+    plain = generate(den, schedule, ImageNoise([1, 2, 3], (1, 8, 8)), y, sampler=sampler, steps=5)
+    guided = ClassifierGuidance(den, guidance_direction(net, 0.07), 0.0, schedule.alpha_bar)
+    again = generate(guided, schedule, ImageNoise([1, 2, 3], (1, 8, 8)), y, sampler=sampler, steps=5)
+    assert torch.equal(plain, again)
+
+
+def test_guidance_gradient_is_normalised_and_raises_p_y_given_x():
+    """−∇L_PC (the sign used) moves x_t toward class y's prototype: f's p(y | x_t) rises."""
+    net = _features_net(3)
+    with torch.no_grad():
+        net.prototypes.copy_(F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(4)), dim=1))
+    grad_fn = guidance_direction(net, 0.07)
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    t, y = torch.full((6,), 300), torch.tensor([0, 1, 2, 0, 1, 2])
+    p = lambda z: prototype_logits(net(z, t), net.prototypes, net.prior, 0.07).softmax(1)[torch.arange(6), y]  # noqa
+    g = grad_fn(x, t, y)
+    g_hat = g / g.flatten(1).pow(2).mean(1).sqrt().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        assert (p(x + 0.05 * g_hat) > p(x)).all()
+    wrapped = ClassifierGuidance(lambda a, b, c: torch.zeros_like(a), grad_fn, 1.0, SCHEDULE.alpha_bar)
+    shift = wrapped(x, t, y) / -(1 - SCHEDULE.alpha_bar[300]).sqrt()
+    assert torch.allclose(shift.flatten(1).pow(2).mean(1), torch.ones(6), atol=1e-4)  # ∇̂: unit RMS per image
