@@ -163,5 +163,5 @@ DIFFROP = Method(
     name="diffrop", section="diffrop", options=DiffROPOptions,
     summary="DiffROP: τ(t)·Σ_j f(‖μ_θ(x_t^i, c_i) − μ_θ(x_t^j, c_j)‖²) over pairs of other classes at a shared (t, ε)",
     paper="Yan et al. (DiffROP), Eq. 7–15 / Alg. 1",
-    build=lambda opts, ctx: DiffROPPiece(opts, ctx),
+    build=lambda opts, ctx: DiffROPPiece(opts, ctx) if opts.tau0 > 0 else None,  # τ0 = 0 is DDPM
 )

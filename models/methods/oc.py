@@ -140,7 +140,8 @@ def _oc(name: str, mode: str, gate: str) -> Method:
     return Method(name=name, section="oc", options=OCOptions,
                   summary=f"OC target transfer, {gate}: the denoising target moves to another batch image's x_0",
                   paper="Zhang et al., ICLR 2024, Eq. 6–8 / Alg. 1",
-                  build=lambda opts, ctx: OCPiece(mode, opts, ctx), needs=_needs, diagnostic=oc_diagnostic)
+                  build=lambda opts, ctx: OCPiece(mode, opts, ctx) if opts.cutoff > 0 else None,  # cutoff 0 = DDPM
+                  needs=_needs, diagnostic=oc_diagnostic)
 
 
 T2H = _oc("t2h", "t2h", "tail-to-head (a tail sample may take a head target)")

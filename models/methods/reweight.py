@@ -40,5 +40,5 @@ REWEIGHT = Method(
     name="reweight", section="reweight", options=ReweightOptions,
     summary="DDPM loss × n_c^−p (normalised to mean 1)",
     paper="DiffROP Table 4 / §3.3 baseline",
-    build=lambda opts, ctx: ReweightPiece(opts, ctx),
+    build=lambda opts, ctx: ReweightPiece(opts, ctx) if opts.power > 0 else None,
 )

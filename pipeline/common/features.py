@@ -43,6 +43,8 @@ class Extractor:
             weights = Path(e.weights_path) if e.weights_path else None
             if weights is not None and not weights.is_file():
                 raise TaildiffError(f"evaluate.weights_path={weights} does not exist: give the inception weights file")
+            if weights is not None:
+                check_plain_weights(weights)  # torch-fidelity itself loads with weights_only=False
             name, layer, self.channels = "inception-v3-compat", "2048", 3
             self.info["weights"] = str(weights) if weights else "torch-fidelity download"
         self.layer = layer
@@ -70,6 +72,19 @@ class Extractor:
         if not feats:
             return np.zeros((0, 1)), np.zeros((0, 1))
         return np.concatenate(feats), np.concatenate(logits)
+
+
+def check_plain_weights(path: Path) -> None:
+    """Refuse a weights file that holds anything but tensors and plain containers: loaded with
+    weights_only=True first, so a pickled object that would run code is never unpickled."""
+    import pickle
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise TaildiffError(f"refusing evaluate.weights_path={path}: it is not a plain tensor state dict ({first}); "
+                            "give the pt_inception-2015-12-05 weights file torch-fidelity downloads") from None
 
 
 def domain_weights(cfg: Config, data: DatasetArtifact) -> Path:

@@ -29,9 +29,11 @@ class ProgressBoard:
         self.state: dict[str, tuple] = {}
 
     def update(self, key: str, done: int, total: int, unit: str) -> None:
+        """The first report of a key starts its clock (workers report (start, total) when a job begins)."""
         now = time.time()
-        started = self.state.get(key, (0, 0, "", now, now))[3] if key in self.state else now
-        self.state[key] = (int(done), int(total), unit, started, now)
+        first = self.state.get(key)
+        started, base = (first[3], first[5]) if first else (now, int(done))
+        self.state[key] = (int(done), int(total), unit, started, now, base)
 
     def snapshot(self) -> dict:
         return dict(self.state)
@@ -76,11 +78,12 @@ class _Renderer:
 
     def draw(self, state: dict) -> None:
         for key in sorted(state):
-            done, total, unit, started, updated = state[key]
+            done, total, unit, started, updated, *rest = state[key]
+            base = rest[0] if rest else 0  # done at the first report: a resumed job's rate counts from there
             if self.live:
                 self._bar(key, done, total, unit, started)
             else:
-                self._line(key, done, total, unit, started, updated)
+                self._line(key, done, total, unit, started, updated, base)
 
     def _bar(self, key, done, total, unit, started):
         from tqdm import tqdm
@@ -95,17 +98,17 @@ class _Renderer:
         bar.n = done
         bar.refresh()
 
-    def _line(self, key, done, total, unit, started, updated):
+    def _line(self, key, done, total, unit, started, updated, base=0):
         percent = int(100 * done / total) if total else 100
         mark = percent // self.every * self.every
         if self.logged.get(key, -1) >= mark:
             return
         self.logged[key] = mark
-        elapsed = max(updated - started, 1e-9)
-        rate = done / elapsed
+        elapsed = updated - started
+        rate = (done - base) / elapsed if elapsed > 0 else float("nan")
         eta = (total - done) / rate if rate > 0 else float("nan")
-        log.info("%s: %d/%d %s (%d%%), %.2f %s/s, ETA %s", key, done, total, unit, percent, rate, unit,
-                 _fmt_eta(eta))
+        log.info("%s: %d/%d %s (%d%%), %s %s/s, ETA %s", key, done, total, unit, percent,
+                 "?" if rate != rate else f"{rate:.2f}", unit, _fmt_eta(eta))
 
     def close(self) -> None:
         for bar in self.bars.values():

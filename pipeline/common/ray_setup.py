@@ -19,7 +19,12 @@ class _DropExpected(logging.Filter):
 
 
 def quiet_ray_logs() -> None:
-    """Drop the warnings that do not apply to a healthy run (see EXPECTED_WARNINGS)."""
+    """Drop the warnings that do not apply to a healthy run (see EXPECTED_WARNINGS), and Ray's own
+    deprecation notice for `ExecutionOptions.exclude_resources`, which Ray Train's DataConfig sets
+    itself (no user setting can avoid it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*exclude_resources.* is deprecated")
     for name in ("ray.data", "ray.data.dataset", "ray.data._internal.execution.streaming_executor"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropExpected) for f in logger.filters):

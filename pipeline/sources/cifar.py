@@ -24,12 +24,31 @@ LAYOUT = {
 }
 
 
+# What an official batch pickles: numpy arrays (and their dtypes) inside plain containers.
+ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+           ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+           ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Refuses every global but the numpy array reconstruction a CIFAR batch needs, so a crafted
+    batch cannot run code (plain pickle.load would call anything it names)."""
+
+    def find_class(self, module, name):
+        if (module, name) in ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only numpy arrays")
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            out = _BatchUnpickler(f, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError) as exc:
         raise DataError(f"cannot read CIFAR batch {path} ({exc}): re-download the dataset") from None
+    if not isinstance(out, dict):
+        raise DataError(f"CIFAR batch {path} is not a dict of arrays: re-download the dataset")
+    return out
 
 
 def _find(root: Path, layout: dict) -> Path | None:

@@ -143,7 +143,9 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
         proxy = ProxyFID(job["proxy"], cfg, manifest, out_dir)
     sums: dict[str, torch.Tensor] = {}
     window, window_start, waited = 0, time.perf_counter(), 0.0
-    key = f"train/{method}"
+    key = f"train/{job.get('name', method)}"
+    if rank == 0:
+        report_progress(key, state.step, total, "step", min_interval=0.0)  # the rate counts from here
     while state.step < total:
         batches_in_epoch = 0
         fetch_start = time.perf_counter()
@@ -245,6 +247,8 @@ def train_features_job(job: dict, shard, checkpoint) -> dict:
     per_worker, total = cfg.train.batch_size // world, job["steps"]
     loss_log = LossLog(out_dir / "loss.csv", rank == 0, step)
     started, window, running = time.perf_counter(), 0, torch.zeros(())
+    if rank == 0:
+        report_progress(f"train/{job['name']}", step, total, "step", min_interval=0.0)
     while step < total:
         for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, prefetch_batches=2):
             x0 = to_model_space(batch["image"].to(device), cfg.model.image_size)

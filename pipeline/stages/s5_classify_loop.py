@@ -80,6 +80,8 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     per_worker = c.batch_size // world
     final = None
     key = f"classify/{arm}"
+    if rank == 0:
+        report_progress(key, state.epoch, c.epochs, "epoch", min_interval=0.0)
     while state.epoch < c.epochs:
         epoch = state.epoch
         set_lr(state.opt, schedule.lr_at(epoch))

@@ -1,0 +1,54 @@
+"""The papers' claims on the toy long-tail bench (models/toy/bench.py), with margin over seeds.
+
+Each claim compares a method with DDPM trained for the same steps on the same data draws and
+sampled from the same per-sample noise, over three seeds; a claim holds when it holds at every
+seed. Claims that did not reproduce are reported in the closing note, not weakened here.
+"""
+import numpy as np
+import pytest
+import torch
+
+from models.toy.bench import ToyData, ToyRun, run_method, train_toy
+
+DATA = ToyData()
+RUN = ToyRun(steps=1500)
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def results():
+    torch.set_num_threads(2)
+    methods = ("ddpm", "cbdm", "t2h", "diffrop")
+    return {m: [run_method(m, DATA, RUN, s) for s in SEEDS] for m in methods}
+
+
+def _values(results, method, key):
+    return np.array([r[key] for r in results[method]])
+
+
+def test_ddpm_leaks_tail_samples_into_the_head(results):
+    """The premise of every paper: the rare classes' samples land in their frequent neighbours' region."""
+    tail = _values(results, "ddpm", "tail_leakage")
+    head = np.array([np.mean([r["leakage"][c] for c in (0, 1, 2)]) for r in results["ddpm"]])
+    assert (tail > head + 0.05).all(), (tail, head)
+
+
+@pytest.mark.parametrize("method", ["cbdm", "t2h"])
+def test_cbdm_and_t2h_reduce_tail_leakage(results, method):
+    ddpm, other = _values(results, "ddpm", "tail_leakage"), _values(results, method, "tail_leakage")
+    assert (other < ddpm).all(), (method, other, ddpm)
+
+
+def test_diffrop_reduces_class_overlap(results):
+    ddpm, other = _values(results, "ddpm", "overlap"), _values(results, "diffrop", "overlap")
+    assert (other < ddpm).all(), (other, ddpm)
+
+
+@pytest.mark.parametrize("method, options", [("cbdm", {"cbdm": {"tau": 0.0}}), ("t2h", {"oc": {"cutoff": 0}}),
+                                             ("diffrop", {"diffrop": {"tau0": 0.0}})])
+def test_switched_off_methods_train_exactly_ddpm(method, options):
+    short = ToyRun(steps=60, options=options)
+    a, _, _, _ = train_toy(method, DATA, short, seed=5)
+    b, _, _, _ = train_toy("ddpm", DATA, ToyRun(steps=60), seed=5)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), (method, name)
