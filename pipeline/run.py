@@ -19,7 +19,8 @@ from pipeline.config import DEFAULT_CONFIG, STAGES, Config, load_config
 from pipeline.errors import TaildiffError
 
 log = logging.getLogger("taildiff")
-SUBCOMMANDS = {"tune": "pipeline.tuning.cli:main"}
+SUBCOMMANDS = {"tune": "pipeline.tuning.cli:main", "export": "pipeline.tools.export:main",
+               "generate": "pipeline.tools.generate:main", "compare": "pipeline.tools.compare:main"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +56,14 @@ def run(cfg: Config) -> dict:
     Each stage skips itself when its artifacts for this config exist. A later stage needs the
     earlier ones' artifacts, so asking for `sample` alone still makes sure data and train are done.
     """
+    from pipeline.common.files import writable_dir
+    from pipeline.common.locking import run_lock
+
+    with run_lock(writable_dir(cfg.run_dir, "run folder")):
+        return _run_stages(cfg)
+
+
+def _run_stages(cfg: Config) -> dict:
     from pipeline.common.devices import resolve_devices
     from pipeline.common.ray_setup import init_ray
     from pipeline.stages.s1_data import run_data

@@ -128,3 +128,20 @@ def test_confidence_filter_keeps_what_the_real_data_classifier_believes(tmp_path
     assert confidence_filter(tmp_path / "model.pt", images, labels, 0.5).tolist() == [True, False, False] * 2
     keep_two = confidence_filter(tmp_path / "model.pt", images, labels, float(p[1]) - 1e-4)
     assert keep_two.tolist() == [True, True, False] * 2
+
+
+def test_report_html_of_a_real_run(classified):
+    """report.html of a real tiny run: one self-contained page embedding every confusion matrix."""
+    import base64
+
+    cfg, data, models, results = classified
+    run_report(cfg, {"data": data, "train": models, "classify": results})
+    text = (cfg.run_dir / "report.html").read_text()
+    assert "http://" not in text and "https://" not in text
+    for attr, value in re.findall(r'\b(src|href)\s*=\s*"([^"]*)"', text):
+        assert value.startswith("data:image/") if attr == "src" else value.startswith("#"), (attr, value[:60])
+    for name, art in results.items():
+        tag = re.search(rf'<img src="data:image/png;base64,([^"]+)" alt="{re.escape(name)} confusion matrix">', text)
+        assert tag, name
+        assert base64.b64decode(tag.group(1)) == (art.path / "confusion.png").read_bytes(), name
+    assert text.count("<img ") == len(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (cfg.run_dir / "report.md").read_text()))

@@ -36,3 +36,16 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def publish_dir(work: Path, final: Path) -> None:
+    """Replace `final` by the finished folder `work`: the old one is moved aside first and removed
+    only once the new one is in place, so `final` is always either the old or the new whole folder."""
+    import shutil
+
+    work, final = Path(work), Path(final)
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.rename(final, old)
+    os.rename(work, final)
+    shutil.rmtree(old, ignore_errors=True)

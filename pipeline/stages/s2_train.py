@@ -10,6 +10,8 @@ worker-group start-up once per wave, not once per model. No method is named here
 Layout under the run folder:
   train/ray/<wave>-<hash>/         Ray Train storage (checkpoints); the same name on a rerun
                                    resumes from the latest checkpoint
+  train/.work/<name>-<key>/        what a run writes while it trains; moved to train/<name>/ when
+                                   it ends, so a failed or changed run never damages a finished one
   train/<name>/model.pt            EMA weights + what is needed to rebuild the net (the artifact);
                                    features.pt for a guidance feature network
   train/<name>/loss.csv, loss.png, metrics.json, manifest.json, <diagnostic>.png
@@ -24,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,7 +190,7 @@ def train_wave(cfg: Config, data: DatasetArtifact, specs: list[TrainSpec],
     storage = (cfg.run_dir / "train" / "ray").resolve()
     # named after the whole wave, finished jobs included, so a rerun resumes the same Ray run
     name = f"{'-'.join(s.name for s in specs).replace('+', '-')[:80]}-{stable_hash(keys)}"
-    jobs = [_job(cfg, data, s, use_gpu, tune_hooks) for s in todo]
+    jobs = [_job(cfg, data, s, keys[s.name], use_gpu, tune_hooks) for s in todo]
     hooks = tune_hooks or {}
     with (contextlib.nullcontext() if tune_hooks else stage_progress("train")):  # a Tune trial has no terminal
         run_jobs("pipeline.stages.s2_train_loop:train_job", jobs, name=name, storage=storage,
@@ -200,16 +203,26 @@ def train_wave(cfg: Config, data: DatasetArtifact, specs: list[TrainSpec],
     return results
 
 
+def work_dir(cfg: Config, spec: TrainSpec, key: str) -> Path:
+    """Where a spec's run writes while it trains (loss.csv, the export), per key: a failed or
+    changed run never touches the finished train/<name>/, which is replaced only when it ends."""
+    return (cfg.run_dir / "train" / ".work" / f"{spec.name.replace('+', '-')}-{key}").resolve()
+
+
 def _exported(cfg: Config, job_config: dict) -> bool:
     """A job's artifact + final.json exist (written by its rank 0 when it ended)."""
     out = Path(job_config["out_dir"])
     return (out / "final.json").is_file() and (out / job_config["artifact"]).is_file()
 
 
-def _job(cfg: Config, data: DatasetArtifact, spec: TrainSpec, use_gpu: bool, tune_hooks) -> Job:
+def _job(cfg: Config, data: DatasetArtifact, spec: TrainSpec, key: str, use_gpu: bool, tune_hooks) -> Job:
     from pipeline.common.streams import resampled_stream
 
-    out = (cfg.run_dir / "train" / spec.name).resolve()
+    out = work_dir(cfg, spec, key)
+    final = (cfg.run_dir / "train" / spec.name).resolve()
+    if not out.exists() and (final / "loss.csv").is_file():  # resuming a run whose export was lost:
+        out.mkdir(parents=True)  # its rows up to the checkpoint's step are kept (LossLog drops the rest)
+        shutil.copy2(final / "loss.csv", out / "loss.csv")
     out.mkdir(parents=True, exist_ok=True)
     (out / "final.json").unlink(missing_ok=True)  # a stale end marker of an earlier, different run
     per_worker = cfg.train.batch_size // cfg.train.num_workers
@@ -240,18 +253,21 @@ def _job(cfg: Config, data: DatasetArtifact, spec: TrainSpec, use_gpu: bool, tun
 
 def _finish(cfg: Config, data: DatasetArtifact, spec: TrainSpec, key: str, ray_run: Path,
             use_gpu: bool) -> ModelArtifact:
-    out = (cfg.run_dir / "train" / spec.name).resolve()
+    from pipeline.common.files import publish_dir
+
+    work, out = work_dir(cfg, spec, key), (cfg.run_dir / "train" / spec.name).resolve()
     try:
-        metrics = json.loads((out / "final.json").read_text())
+        metrics = json.loads((work / "final.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise TaildiffError(f"training {spec.name} ended without its export; see the Ray logs under {ray_run}") from None
-    plot_loss_curve(out / "loss.csv", out / "loss.png", title=f"{cfg.name}: {spec.name}")
-    write_json(out / "metrics.json", metrics)
+    plot_loss_curve(work / "loss.csv", work / "loss.png", title=f"{cfg.name}: {spec.name}")
+    write_json(work / "metrics.json", metrics)
     manifest = {"method": spec.method, "name": spec.name, "spec": dataclasses.asdict(spec), "run_key": key,
                 "ray_run": str(ray_run), "metrics": metrics, "dataset": str(data.path),
                 "init_from": weights_path(cfg, spec.init), "source": weights_path(cfg, spec.source),
                 "resample": spec_resample(cfg, spec).mode, "use_gpu": use_gpu, "config": cfg.to_dict()}
-    write_json(out / "manifest.json", manifest)  # last: marks the model finished
+    write_json(work / "manifest.json", manifest)  # marks the model finished ...
+    publish_dir(work, out)  # ... and only now does it replace train/<name>/
     log.info("train[%s]: %d steps, final loss %.4f, %.1f img/s", spec.name, metrics["step"],
              metrics.get("loss", float("nan")), metrics.get("images_per_second", float("nan")))
     return ModelArtifact(spec.name, out, metrics, skipped=False)

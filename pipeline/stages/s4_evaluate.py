@@ -5,7 +5,8 @@ Features come from a named torch-fidelity extractor (pipeline/common/features.py
 trained here once per dataset, or `inception` from a weights file); the metric arithmetic is
 models/evaluation/summary.py.
 
-Per run: `evaluation/<method>/metrics.json`, `per_class_fid.png`, `memorization.png`, and
+Per run: `evaluation/<method>/metrics.json`, `features.npz` (every image's features, label, seed),
+`per_class_fid.png`, `memorization.png`, and
 `evaluation/table.md` comparing the run's methods. Every number names its extractor.
 """
 from __future__ import annotations
@@ -63,12 +64,31 @@ def run_evaluate(cfg: Config, data: DatasetArtifact, samples: dict[str, SampleAr
         plot_memorization(gen, real, nearest, dist, m["memorization"]["threshold"], data.manifest,
                           out / "memorization.png", method)
         m.update(key=key, method=method, extractor=extractor.info)
+        np.savez(out / "features.npz", feats=gen_feats, logits=gen_logits, label=gen["label"], k=gen["k"],
+                 seed=gen["seed"])  # per-image features: what `run.py compare` pairs across methods
         write_json(metrics_path, m)
         log.info("evaluate[%s]: FID %.3f (%s), few-group FID %s, memorization %.3f", method, m["fid"],
                  extractor.info["extractor"], _fmt(m["fid_thirds_few"]), m["memorization"]["all"])
         results[method] = EvalArtifact(method, out, m, skipped=False)
+    if real is not None or not (root / "reference_stats.npz").is_file():
+        real = real if real is not None else real_features(extractor, cfg, data)
+        save_reference_stats(real, data.manifest["class_counts"], root / "reference_stats.npz")
     write_table(results, root / "table.md", extractor.info)
     return results
+
+
+def save_reference_stats(real: dict, counts, path: Path) -> None:
+    """Gaussian statistics of the balanced reference features, whole and per group / class, so
+    intervals and paired differences can be computed later without the features (`run.py compare`)."""
+    from models.evaluation.intervals import gaussian_stats
+
+    feats, labels = real["reference_feats"], real["reference_labels"]
+    out = {}
+    out["all_mu"], out["all_sigma"] = gaussian_stats(feats)
+    for group, classes in class_groups(counts, "thirds").items():
+        out[f"{group}_mu"], out[f"{group}_sigma"] = gaussian_stats(feats[np.isin(labels, classes)])
+        out[f"{group}_classes"] = np.array(classes)
+    np.savez(path, **out)
 
 
 def _fmt(value, digits: int = 2) -> str:

@@ -214,7 +214,7 @@ def train_arms(cfg: Config, data: DatasetArtifact, arms: list[Arm], sets: dict) 
     use_gpu = resolve_use_gpu(c.use_gpu, cluster_gpus(), "classify")
     storage = (cfg.run_dir / "classify" / "ray").resolve()
     name = f"arms-{stable_hash(keys)}"  # the whole wave (finished arms included): a rerun resumes it
-    jobs = [_job(cfg, data, a, sets[a.method], use_gpu) for a in todo]
+    jobs = [_job(cfg, data, a, keys[a.name], sets[a.method], use_gpu) for a in todo]
     with stage_progress("classify"):
         run_jobs(LOOP, jobs, name=name, storage=storage, scaling=Scaling(c.num_workers, use_gpu, c.cpus_per_worker),
                  keep=c.keep_checkpoints, max_failures=cfg.train.max_failures, what=f"classifier arms",
@@ -224,12 +224,17 @@ def train_arms(cfg: Config, data: DatasetArtifact, arms: list[Arm], sets: dict) 
     return results
 
 
-def _job(cfg: Config, data: DatasetArtifact, arm: Arm, training_set: tuple, use_gpu: bool) -> Job:
+def work_dir(cfg: Config, arm: Arm, key: str) -> Path:
+    """Where an arm writes while it trains; moved to classify/<arm>/ when it ends."""
+    return (cfg.run_dir / "classify" / ".work" / f"{arm.name}-{key}").resolve()
+
+
+def _job(cfg: Config, data: DatasetArtifact, arm: Arm, key: str, training_set: tuple, use_gpu: bool) -> Job:
     from pipeline.common.streams import resampled_stream
 
     c = cfg.classify
     set_dir, _, composition = training_set
-    out = (cfg.run_dir / "classify" / arm.name).resolve()
+    out = work_dir(cfg, arm, key)
     out.mkdir(parents=True, exist_ok=True)
     (out / "final.json").unlink(missing_ok=True)
     train_counts = [r + s for r, s in zip(composition["real"], composition["synthetic"])]
@@ -251,23 +256,25 @@ def _job(cfg: Config, data: DatasetArtifact, arm: Arm, training_set: tuple, use_
 
 def _finish(cfg: Config, data: DatasetArtifact, arm: Arm, key: str, training_set: tuple, use_gpu: bool,
             ray_run: Path) -> ClassifierArtifact:
+    from pipeline.common.files import publish_dir
     from pipeline.stages.s5_classify_report import plot_confusion, write_history
 
     set_dir, _, composition = training_set
-    out = (cfg.run_dir / "classify" / arm.name).resolve()
+    work, out = work_dir(cfg, arm, key), (cfg.run_dir / "classify" / arm.name).resolve()
     try:
-        metrics = json.loads((out / "final.json").read_text())
+        metrics = json.loads((work / "final.json").read_text())
     except (OSError, json.JSONDecodeError):
         raise TaildiffError(f"classifier {arm.name} ended without its export; see the Ray logs under {ray_run}") from None
     history = metrics.pop("history")
-    write_history(history, out / "history.csv")
-    plot_confusion(np.array(metrics["last"]["confusion"]), data.manifest["class_names"], out / "confusion.png",
+    write_history(history, work / "history.csv")
+    plot_confusion(np.array(metrics["last"]["confusion"]), data.manifest["class_names"], work / "confusion.png",
                    title=f"{cfg.name}: {arm.name} (last epoch, top-1 {metrics['last']['accuracy']:.3f})")
     metrics["use_gpu"] = use_gpu
-    write_json(out / "metrics.json", metrics)
+    write_json(work / "metrics.json", metrics)
     manifest = {"arm": arm.name, "recipe": arm.recipe, "method": arm.method, "seed": arm.seed, "key": key,
                 "training_set": str(set_dir), "metrics": metrics, "composition": composition, "config": cfg.to_dict()}
-    write_json(out / "manifest.json", manifest)  # last: marks the arm finished
+    write_json(work / "manifest.json", manifest)  # marks the arm finished ...
+    publish_dir(work, out)  # ... and only now replaces classify/<arm>/
     log.info("classify[%s]: top-1 %.4f (last), few %.4f", arm.name, metrics["last"]["accuracy"],
              metrics["last"]["few_accuracy"])
     return ClassifierArtifact(arm, out, metrics, composition, skipped=False)

@@ -3,18 +3,25 @@
 Sections: dataset (counts table + plot), training (per method: steps, time, loss plot),
 generation (the evaluation table, per-class FID plots), sample grids per method (evaluation
 and augmentation sets), classification (the classify table, the real / synthetic composition
-of each augmented set, confusion matrices). Images are linked by paths relative to the report,
-so the run folder (with the dataset folder beside it) can be copied and viewed as is.
+of each augmented set, confusion matrices). Images are linked by paths relative to the report and
+all inside the run folder (an image from elsewhere, the dataset's class_counts.png, is copied into
+`report_assets/`), so the run folder can be copied and viewed as is. Beside it, `report.html`
+(s6_report_html.py): the same report as one self-contained page, images embedded, tables sortable.
 Rebuilt on every run: it reads only finished artifacts and takes well under a second.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.common.artifacts import DatasetArtifact
+from pipeline.stages.s6_report_html import write_report_html
+
+ASSETS = "report_assets"
 
 
 def _rel(path: Path | str, base: Path) -> str:
@@ -22,8 +29,18 @@ def _rel(path: Path | str, base: Path) -> str:
 
 
 def _image(path: Path | str | None, base: Path, alt: str) -> list[str]:
+    """A markdown image line; an image outside the run folder is copied into report_assets/ first, so
+    every link stays inside the run folder and a copied run folder shows every image."""
     if path is None or not Path(path).is_file():
         return []
+    path = Path(path).resolve()
+    if not path.is_relative_to(base.resolve()):
+        local = base / ASSETS / (re.sub(r"[^A-Za-z0-9]+", "_", alt).strip("_") + path.suffix)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(local.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, local)
+        path = local
     return [f"![{alt}]({_rel(path, base)})", ""]
 
 
@@ -123,13 +140,14 @@ def classification_section(cfg: Config, classifiers: dict, base: Path) -> list[s
             cells = " | ".join(f"{a.composition['synthetic'][c]} ({a.composition['filtered_out'][c]})" for a in augmented)
             lines.append(f"| {name} | {augmented[0].composition['real'][c]} | {cells} |")
         lines.append("")
-    for name, art in classifiers.items():
-        lines += _image(art.path / "confusion.png", base, f"{name} confusion matrix")
-    return lines
+    matrices = [line for name, art in classifiers.items()
+                for line in _image(art.path / "confusion.png", base, f"{name} confusion matrix")]
+    return lines + (["### Confusion matrices", "", *matrices] if matrices else [])
 
 
 def run_report(cfg: Config, outputs: dict) -> Path:
-    """Write <run>/report.md from the stages' artifacts (atomically); returns its path."""
+    """Write <run>/report.md and <run>/report.html from the stages' artifacts (atomically); returns
+    report.md's path."""
     base = cfg.run_dir
     lines = [f"# taildiff report: {cfg.name}", "",
              f"Resolved config: [`config.json`](config.json) (seed {cfg.seed}); stages run: {', '.join(cfg.stages)}.", ""]
@@ -144,8 +162,10 @@ def run_report(cfg: Config, outputs: dict) -> Path:
         lines += samples_section(cfg, base)
     if outputs.get("classify"):
         lines += classification_section(cfg, outputs["classify"], base)
+    text = "\n".join(lines) + "\n"
     path = base / "report.md"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+    write_report_html(text, base, f"taildiff report: {cfg.name}")
     return path
