@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--omega", type=float, default=None, help="default: the checkpoint run's sample.omega")
     parser.add_argument("--seed-sets", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

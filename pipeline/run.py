@@ -20,7 +20,8 @@ from pipeline.errors import TaildiffError
 
 log = logging.getLogger("taildiff")
 SUBCOMMANDS = {"tune": "pipeline.tuning.cli:main", "export": "pipeline.tools.export:main",
-               "generate": "pipeline.tools.generate:main", "compare": "pipeline.tools.compare:main"}
+               "generate": "pipeline.tools.generate:main", "compare": "pipeline.tools.compare:main",
+               "study": "pipeline.tools.study:main"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,14 +66,17 @@ def run(cfg: Config) -> dict:
 
 def _run_stages(cfg: Config) -> dict:
     from pipeline.common.devices import resolve_devices
+    from pipeline.common.preflight import check_data_sizes, check_run_inputs
     from pipeline.common.ray_setup import init_ray
     from pipeline.stages.s1_data import run_data
 
     write_run_config(cfg)  # before any work, so a failed run still says what it was
+    check_run_inputs(cfg)  # the files it will read, before Ray starts
     init_ray()
     devices = resolve_devices(cfg)  # `use_gpu: true` without GPUs stops here, before any work is placed
     run_dir = write_run_config(cfg, devices)
     outputs: dict = {"data": run_data(cfg), "devices": devices}
+    check_data_sizes(cfg, outputs["data"])
     stages = set(cfg.stages)
     needs_models = stages & {"train", "sample", "evaluate"} or ("classify" in stages and cfg.classify.synthetic != "none")
     if needs_models:

@@ -48,6 +48,16 @@ def test_two_worker_run_checkpoints_and_resumes(ray_session, workdir, caplog):
     again = run_train(cfg, data)["ddpm"]  # same command: finished stage is skipped
     assert again.skipped
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(cfg.run_dir / "tensorboard" / "ddpm")).Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/mse", "train/lr", "train/grad_norm", "train/images_per_second",
+                "train/data_wait_fraction"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 6]
+    assert "samples/ema" in tags["images"]  # the per-class grid at each checkpoint
+
     longer = cfg_for(workdir, "train.steps=9")  # the same run, trained further: resumes at step 6
     resumed = run_train(longer, data)["ddpm"]
     assert resumed.metrics["step"] == 9 and not resumed.skipped

@@ -42,7 +42,7 @@ def generation_metrics(gen_feats: np.ndarray, gen_logits: np.ndarray, gen_labels
                        prd_clusters_per_class: int = 20, prd_runs: int = 10, memorization_quantile: float = 0.01,
                        min_per_class: int = 2, many_above: int = 100, few_below: int = 20,
                        images: np.ndarray | None = None, logits_are_classes: bool = False,
-                       bootstrap: int = 0) -> dict:
+                       bootstrap: int = 0, prc_reference: int = 10000) -> dict:
     """`real`: reference_feats / reference_labels / train_feats / test_feats. With `images`, the
     speckle fraction; with `logits_are_classes` (a domain classifier's logits), class fidelity per
     class; with `bootstrap` > 0, 95% bootstrap intervals of the whole-set and group FIDs (generated
@@ -59,8 +59,12 @@ def generation_metrics(gen_feats: np.ndarray, gen_logits: np.ndarray, gen_labels
     out = {"fid": frechet_distance(gen_feats, ref), "num_samples": int(len(gen_feats))}
     out.update(kid_features_to_metric(gen_t, ref_t, kid_subsets=100, kid_subset_size=subset, verbose=False,
                                       rng_seed=seed, kid_kernel="poly", kid_degree=3, kid_gamma=None, kid_coef0=1))
-    out.update(prc_features_to_metric(gen_t.float(), ref_t.float(), prc_neighborhood=prc_neighborhood,
+    # precision / recall against a fixed random subset of the reference: the k-NN radii of all 60k
+    # reference images cost minutes on a CPU; Kynkäänniemi et al. compare sets of equal size
+    prc_idx = np.random.default_rng(seed).permutation(len(ref))[:max(prc_reference, len(gen_feats))]
+    out.update(prc_features_to_metric(gen_t.float(), ref_t[prc_idx].float(), prc_neighborhood=prc_neighborhood,
                                       prc_batch_size=10000, save_cpu_ram=True, verbose=False))
+    out["prc_reference_images"] = int(len(prc_idx))
     out.update(isc_features_to_metric(torch.from_numpy(gen_logits), splits=10, rng_seed=seed))
     ref_sub = ref[np.random.default_rng(seed).permutation(len(ref))[:max(len(gen_feats), 2)]]
     out["prd_f8"], out["prd_f1_8"] = max_f_beta_pair(*prd_from_features(

@@ -136,6 +136,7 @@ class Method:
     needs: Callable[[Any], Needs] = lambda opts: Needs()
     diagnostic: Callable | None = None
     source_classes: Callable | None = None  # (opts, class_counts) -> the classes a source model sees
+    extra_cost: Callable[[Any], float] = lambda opts: 0.0  # forward+backward passes per sample beyond DDPM's
     role: str = "loss"  # "loss" (changes the objective), "data" (changes the stream only), "base"
 
     def knobs(self) -> list[str]:

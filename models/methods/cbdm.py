@@ -99,4 +99,5 @@ CBDM = Method(
     summary="CBDM: τ·t/T·(‖ε(y) − sg ε(y′)‖² + γ‖sg ε(y) − ε(y′)‖²), y′ from a label set",
     paper="Qin et al., CVPR 2023, Eq. 4 / Alg. 1",
     build=lambda opts, ctx: CBDMPiece(opts, ctx) if opts.tau > 0 else None,  # τ = 0 is DDPM, draws included
+    extra_cost=lambda opts: float(opts.num_labels),  # ε(x_t, y′) for each of the |𝒴| labels
 )

@@ -217,13 +217,13 @@ DIFFRC = Method(
             "prototype-contrastive guided sampling",
     paper="DiffRC §3.2–3.3, Eq. 5–13",
     build=lambda opts, ctx: DiffRCPiece(opts, ctx, conditional=False), needs=lambda opts: _needs(opts, False),
-    source_classes=head_classes)
+    source_classes=head_classes, extra_cost=lambda opts: 1 / 3)  # the frozen source's forward, no backward
 DIFFRC_CFG = Method(
     name="diffrc_cfg", section="diffrc", options=DiffRCOptions,
     summary="DiffRC on the conditional backbone: pair-wise diversity loss + CFG + prototype guidance",
     paper="DiffRC §3.2–3.3, with the project's conditional backbone",
     build=lambda opts, ctx: DiffRCPiece(opts, ctx, conditional=True), needs=lambda opts: _needs(opts, True),
-    source_classes=head_classes)
+    source_classes=head_classes, extra_cost=lambda opts: 1 / 3)
 
 
 def load_prototype_guidance(path, device="cpu"):

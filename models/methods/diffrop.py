@@ -164,4 +164,5 @@ DIFFROP = Method(
     summary="DiffROP: τ(t)·Σ_j f(‖μ_θ(x_t^i, c_i) − μ_θ(x_t^j, c_j)‖²) over pairs of other classes at a shared (t, ε)",
     paper="Yan et al. (DiffROP), Eq. 7–15 / Alg. 1",
     build=lambda opts, ctx: DiffROPPiece(opts, ctx) if opts.tau0 > 0 else None,  # τ0 = 0 is DDPM
+    extra_cost=lambda opts: 1.0,  # the paired view
 )

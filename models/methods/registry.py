@@ -70,6 +70,12 @@ def method_needs(name: str, options: dict) -> Needs:
                  diagnostics=tuple(d for n in needs for d in n.diagnostics))
 
 
+def training_cost(name: str, options: dict) -> float:
+    """A training step's cost relative to DDPM's, from the passes each piece adds (equal-compute
+    comparisons; benchmarks/bench_methods.py measures the real ratio)."""
+    return 1.0 + sum(m.extra_cost(options.get(m.section)) for m in method_parts(name))
+
+
 def validate_method(name: str, options: dict) -> None:
     """Names, combination rules and the options of every section the method uses."""
     for m in method_parts(name):

@@ -104,11 +104,17 @@ def load_model(path: Path, device: str | torch.device = "cpu"):
     """EMA denoiser from a model.pt, with the Config and data manifest it was trained with."""
     from pipeline.config import config_from_dict
 
+    import pickle
+
     try:
         blob = torch.load(Path(path), map_location="cpu", weights_only=True)
         saved = json.loads(blob["config"])
         cfg = config_from_dict(saved["run"])
-    except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise TaildiffError(f"refusing model weights {path}: they hold pickled objects that weights_only loading "
+                            f"will not run ({str(exc).strip().splitlines()[0][:160]}); give a model.pt written by the "
+                            "train stage") from None
+    except Exception as exc:  # noqa: BLE001 - truncated, foreign or from another version: one answer
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TaildiffError(f"cannot load model weights {path} ({first[:200]}): give a model.pt written by the "
                             "train stage, or rerun it") from None

@@ -42,6 +42,15 @@ DETERMINISTIC = ("DeterministicError", "NonFiniteLossError", "TaildiffError", "C
                  "OSError: [Errno 28]", "No space left on device")
 
 
+MAX_JOBS_PER_FIT = 6  # a run's jobs go into fits of at most this many: each job's dataset has its own
+#                       streaming-split coordinator process, so one fit of dozens would start dozens at once
+
+
+def chunked(items: list, size: int) -> list[list]:
+    """Consecutive chunks of a fixed list: the same chunks (and Ray run names) on every rerun."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 @dataclass(frozen=True)
 class Scaling:
     num_workers: int

@@ -93,6 +93,7 @@ class TrainConfig:
     max_failures: int = 1
     init_from: Optional[str] = None  # fine-tune: a method of this run (e.g. ddpm) or a model.pt path
     finetune_steps: Optional[int] = None  # steps of the methods initialised from init_from (None = steps)
+    finetune_lr: Optional[float] = None  # their learning rate (None = lr); CBDM's released schedule: 2e-4
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,30 @@ class EvalConfig:
     use_gpu: Union[bool, str] = "auto"  # feature extraction on a GPU when the driver has one
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking from the workers (pipeline/common/tracking.py)."""
+
+    tensorboard: bool = True  # event files under <run_dir>/tensorboard/<job>/
+    mlflow_uri: Optional[str] = None  # e.g. file:///path/mlruns (offline) or http://server:5000
+    grid_per_class: int = 4  # the per-class sample grid logged at each diffusion checkpoint (0 = none)
+    grid_steps: int = 10  # its sampler steps (dpmpp_2m)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """`run.py study` (pipeline/tools/study.py): every method from one shared DDPM, compared with intervals."""
+
+    base: Optional[str] = None  # the shared DDPM: a run name of output_dir or a model.pt (None = train one)
+    methods: tuple = ("ddpm", "cbdm", "t2h", "h2t", "oc_full", "diffrop", "cbdm+diffrop", "diffrc_cfg", "rs",
+                      "rs_sqrt", "reweight")
+    equal_compute: tuple = ("cbdm", "diffrop", "cbdm+diffrop")  # also at finetune_steps / their training cost
+    omega_grid: tuple = (0.5, 1.0, 2.0, 3.0)  # ω chosen per model on a held-out set ...
+    omega_images: int = 200  # ... of this many images with their own seeds
+    classify_top: int = 3  # real + synthetic arms for DDPM and the best methods by few-group FID
+    results_dir: str = "results/fmnist_lt"
+
+
 class _ConfigBody:
     """Methods shared by every Config (the dataclass itself is assembled below)."""
 
@@ -162,6 +187,8 @@ _CORE_FIELDS = [
     ("sample", SampleConfig, field(default_factory=SampleConfig)),
     ("evaluate", EvalConfig, field(default_factory=EvalConfig)),
     ("classify", ClassifyConfig, field(default_factory=ClassifyConfig)),
+    ("tracking", TrackingConfig, field(default_factory=TrackingConfig)),
+    ("study", StudyConfig, field(default_factory=StudyConfig)),
 ]
 
 # A whole run: the core sections plus one section per method options dataclass.

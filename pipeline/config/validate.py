@@ -110,6 +110,8 @@ def _validate_model_train_sample(cfg) -> None:
             raise ConfigError(f"{section}.use_gpu={getattr(cfg, section).use_gpu!r}: use auto, true or false")
     if s.batch_size < 1 or s.num_actors < 1 or s.per_class < 0 or s.omega < 0:
         raise ConfigError("sample.batch_size and sample.num_actors must be positive, per_class and omega >= 0")
+    if t.finetune_lr is not None and t.finetune_lr <= 0:
+        raise ConfigError(f"train.finetune_lr={t.finetune_lr} must be positive (or null for train.lr)")
     if t.finetune_steps is not None and t.finetune_steps < 1:
         raise ConfigError(f"train.finetune_steps={t.finetune_steps} must be positive (or null for train.steps)")
     e = cfg.evaluate

@@ -48,3 +48,11 @@ def get_source(name: str) -> Callable[..., SourceData]:
     """The loader for a dataset name; every loader takes the `DataConfig`."""
     module, func = SOURCES[name].split(":")
     return getattr(importlib.import_module(module), func)
+
+
+def source_fingerprint(cfg) -> str | None:
+    """A hash of the source's files for sources whose content can change under one config
+    (imagefolder); None for the fixed public datasets."""
+    module, _ = SOURCES[cfg.dataset].split(":")
+    fn = getattr(importlib.import_module(module), "fingerprint", None)
+    return fn(cfg) if fn else None

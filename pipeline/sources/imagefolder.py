@@ -99,6 +99,20 @@ def _read_split(root: Path, classes: list[str], cfg, skipped: list[str]):
     return _stack([decoded[i] for i in keep], [labels[i] for i in keep], root)
 
 
+def fingerprint(cfg) -> str:
+    """What the images are, not only what the config says: every image file's relative path, size
+    and modification time, hashed. A fixed, added or removed image gives a new dataset folder."""
+    import hashlib
+
+    root = Path(cfg.data_root)
+    digest = hashlib.sha256()
+    if root.is_dir():
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS):
+            st = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:10]
+
+
 def load_imagefolder(cfg) -> SourceData:
     if not cfg.data_root:
         raise DataError("dataset imagefolder needs data.data_root=<folder with one subfolder per class>")
@@ -106,6 +120,11 @@ def load_imagefolder(cfg) -> SourceData:
     if not root.is_dir():
         raise DataError(f"imagefolder root {root} does not exist: pass data.data_root=<an existing folder>")
     skipped: list[str] = []
+    top = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    split_root = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
+    if len([p for p in split_root.iterdir() if p.is_dir() and not p.name.startswith(".")]) < 2 and top:
+        raise DataError(f"imagefolder {split_root} has one class folder: a long-tailed dataset needs at least two "
+                        "classes (one folder each)")
     if (root / "train").is_dir() and (root / "test").is_dir():
         classes, _ = _list_classes(root / "train")
         train_x, train_y = _read_split(root / "train", classes, cfg, skipped)

@@ -34,27 +34,38 @@ from models.data.longtail import (
 from pipeline.common.artifacts import MANIFEST, DatasetArtifact, load_dataset
 from pipeline.common.files import writable_dir, write_json
 from pipeline.common.shards import check_labels, write_split
-from pipeline.config import Config, DataConfig, config_hash
-from pipeline.sources import SourceData, get_source
+from pipeline.config import Config, DataConfig, config_hash, stable_hash
+from pipeline.sources import SourceData, get_source, source_fingerprint
 
 log = logging.getLogger("taildiff.data")
 
 
-def dataset_folder_name(d: DataConfig) -> str:
+def dataset_folder_name(d: DataConfig, fingerprint: str | None = None) -> str:
+    """<dataset>-<profile>-imb<f>-<hash of the data config (and of the source's files, if they can change)>."""
     imb = "natural" if d.imb_factor is None else f"imb{d.imb_factor:g}"
-    return f"{d.dataset}-{d.profile}-{imb}-{config_hash(d, exclude=('download',))}"
+    key = config_hash(d, exclude=("download",))
+    if fingerprint:
+        key = stable_hash([key, fingerprint])
+    return f"{d.dataset}-{d.profile}-{imb}-{key}"
 
 
 def run_data(cfg: Config) -> DatasetArtifact:
     """Build (or reuse) the long-tailed dataset of `cfg.data`."""
     d = cfg.data
     root = writable_dir(Path(cfg.output_dir) / "datasets", "output folder")
-    final = root / dataset_folder_name(d)
+    fingerprint = source_fingerprint(d)
+    final = root / dataset_folder_name(d, fingerprint)
     existing = load_dataset(final, check=True) if (final / MANIFEST).is_file() else None
     if existing is not None:
         log.info("data: reusing %s", final)
         print_counts(existing.manifest)
         return dataclasses.replace(existing, skipped=True)
+    if fingerprint:  # the same config built before from other files: say so
+        stale = [p.name for p in root.glob(f"{d.dataset}-{d.profile}-*") if (p / MANIFEST).is_file()
+                 and json.loads((p / MANIFEST).read_text()).get("data_config_hash") == config_hash(d, exclude=("download",))]
+        if stale:
+            log.warning("data: the files under %s changed since %s was built; building a new dataset folder",
+                        d.data_root, stale[-1])
 
     started = time.perf_counter()
     source = get_source(d.dataset)(d)
@@ -68,7 +79,10 @@ def run_data(cfg: Config) -> DatasetArtifact:
             files[split] = write_split(tmp / split, images, labels, index, d.shard_rows)
         manifest = {
             **manifest_core,
-            "config_hash": config_hash(d, exclude=("download",)),
+            # the dataset's identity for everything downstream (run keys): config + source files
+            "config_hash": final.name.rsplit("-", 1)[-1],
+            "data_config_hash": config_hash(d, exclude=("download",)),
+            "source_fingerprint": fingerprint,
             "config": dataclasses.asdict(d),
             "files": files,
             "build_seconds": round(time.perf_counter() - started, 3),

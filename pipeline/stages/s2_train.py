@@ -37,7 +37,7 @@ from models.seeding import derive_seed
 from pipeline.common.artifacts import DatasetArtifact, ModelArtifact, make_schedule
 from pipeline.common.devices import cluster_gpus, resolve_use_gpu
 from pipeline.common.files import write_json
-from pipeline.common.launcher import Job, Scaling, run_jobs
+from pipeline.common.launcher import MAX_JOBS_PER_FIT, Job, Scaling, chunked, run_jobs
 from pipeline.config import Config, stable_hash
 from pipeline.errors import TaildiffError
 
@@ -137,6 +137,9 @@ def run_key(cfg: Config, data: DatasetArtifact, spec: TrainSpec) -> str:
         cfg.train, methods=(spec.method,), steps=0, log_every=0, checkpoint_every=0, keep_checkpoints=0,
         max_failures=0, init_from=None, use_gpu=False, torch_threads=None, cpus_per_worker=1.0))
     train.pop("finetune_steps")  # a step count, like steps
+    finetune_lr = train.pop("finetune_lr")  # shapes only what starts from other weights:
+    if spec.init and finetune_lr is not None:
+        train["lr"] = finetune_lr
     sections = used_sections(spec.method) | ({spec.section} if spec.section else set())
     payload = {"data": data.manifest["config_hash"], "resample": dataclasses.asdict(spec_resample(cfg, spec)),
                "model": dataclasses.asdict(cfg.model), "train": train, "seed": cfg.seed, "spec":
@@ -176,7 +179,15 @@ def run_train(cfg: Config, data: DatasetArtifact, tune_hooks: dict | None = None
 
 def train_wave(cfg: Config, data: DatasetArtifact, specs: list[TrainSpec],
                tune_hooks: dict | None = None) -> dict[str, ModelArtifact]:
-    """One wave: every unfinished spec as a job of one TorchTrainer run."""
+    """One wave: every unfinished spec as a job of TorchTrainer runs of at most MAX_JOBS_PER_FIT jobs."""
+    results: dict[str, ModelArtifact] = {}
+    for chunk in chunked(specs, MAX_JOBS_PER_FIT):
+        results.update(_train_chunk(cfg, data, chunk, tune_hooks))
+    return results
+
+
+def _train_chunk(cfg: Config, data: DatasetArtifact, specs: list[TrainSpec],
+                 tune_hooks: dict | None = None) -> dict[str, ModelArtifact]:
     from pipeline.common.progress import stage_progress
 
     results = {s.name: art for s in specs if (art := _finished(cfg, data, s)) is not None}
@@ -191,9 +202,10 @@ def train_wave(cfg: Config, data: DatasetArtifact, specs: list[TrainSpec],
     # named after the whole wave, finished jobs included, so a rerun resumes the same Ray run
     name = f"{'-'.join(s.name for s in specs).replace('+', '-')[:80]}-{stable_hash(keys)}"
     jobs = [_job(cfg, data, s, keys[s.name], use_gpu, tune_hooks) for s in todo]
+    pending = [j for j in jobs if not _exported(cfg, j.config)]  # ended but not published: not redone
     hooks = tune_hooks or {}
     with (contextlib.nullcontext() if tune_hooks else stage_progress("train")):  # a Tune trial has no terminal
-        run_jobs("pipeline.stages.s2_train_loop:train_job", jobs, name=name, storage=storage,
+        run_jobs("pipeline.stages.s2_train_loop:train_job", pending, name=name, storage=storage,
                  scaling=Scaling(cfg.train.num_workers, use_gpu, cfg.train.cpus_per_worker),
                  keep=cfg.train.keep_checkpoints, max_failures=cfg.train.max_failures, callbacks=hooks.get("callbacks"),
                  what=f"training {', '.join(s.name for s in todo)}",
@@ -223,8 +235,7 @@ def _job(cfg: Config, data: DatasetArtifact, spec: TrainSpec, key: str, use_gpu:
     if not out.exists() and (final / "loss.csv").is_file():  # resuming a run whose export was lost:
         out.mkdir(parents=True)  # its rows up to the checkpoint's step are kept (LossLog drops the rest)
         shutil.copy2(final / "loss.csv", out / "loss.csv")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "final.json").unlink(missing_ok=True)  # a stale end marker of an earlier, different run
+    out.mkdir(parents=True, exist_ok=True)  # per key: a final.json here is this very run's
     per_worker = cfg.train.batch_size // cfg.train.num_workers
     rcfg = dataclasses.replace(spec_resample(cfg, spec), batch_size=per_worker)
     if spec.kind == "diffusion":
@@ -238,7 +249,8 @@ def _job(cfg: Config, data: DatasetArtifact, spec: TrainSpec, key: str, use_gpu:
               "loop": LOOPS[spec.kind], "steps": spec.steps, "manifest": data.manifest, "out_dir": str(out),
               "artifact": _artifact_file(spec), "init_weights": weights_path(cfg, spec.init),
               "source_weights": weights_path(cfg, spec.source), "conditional": spec.conditional,
-              "section": spec.section, "guidance": guidance, "use_gpu": use_gpu, "start_epoch": 0}
+              "section": spec.section, "guidance": guidance, "use_gpu": use_gpu, "start_epoch": 0,
+              "lr": cfg.train.finetune_lr if spec.init and cfg.train.finetune_lr is not None else cfg.train.lr}
     if (tune_hooks or {}).get("proxy"):
         config["proxy"] = tune_hooks["proxy"]
     seed = derive_seed(cfg.seed, "resample", spec.name)

@@ -25,6 +25,7 @@ from models.seeding import derive_seed
 from pipeline.common.artifacts import build_net, load_model, make_schedule
 from pipeline.common.launcher import DeterministicError, NonFiniteLossError, report_checkpoint
 from pipeline.common.progress import report_progress
+from pipeline.common.tracking import RunLogger
 from pipeline.config import config_from_dict
 
 
@@ -82,6 +83,28 @@ def _export(state, out_dir: Path, run_config: dict) -> None:
     os.replace(tmp, out_dir / "model.pt")
 
 
+@torch.no_grad()
+def sample_grid(ema, cfg, manifest: dict, schedule, device, conditional: bool):
+    """A row per class of the EMA's samples (fixed seeds, a few solver steps): the image TensorBoard
+    shows at each checkpoint. uint8 (H, W, C)."""
+    import numpy as np
+
+    from pipeline.common.features import balanced_plan, generate_images
+    from pipeline.common.tracking import image_grid
+
+    classes = len(manifest["class_names"])
+    n = classes * cfg.tracking.grid_per_class
+    labels, seeds = balanced_plan(classes, n, cfg.seed, "tensorboard-grid")
+    order = np.argsort(labels, kind="stable")
+    was_training = ema.training
+    ema.eval()
+    images = generate_images(ema, schedule, manifest, cfg.model.image_size, labels[order], seeds[order],
+                             sampler="dpmpp_2m", steps=cfg.tracking.grid_steps, omega=cfg.sample.omega if conditional
+                             else 0.0, batch_size=n, bf16=cfg.train.bf16, device=device)
+    ema.train(was_training)
+    return image_grid(images, classes)
+
+
 def train_job(job: dict, shard, checkpoint) -> dict:
     """The launcher's per-job loop: a diffusion model or a guidance feature network."""
     return (train_features_job if job["kind"] == "features" else train_method_job)(job, shard, checkpoint)
@@ -102,7 +125,7 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
     device = ray.train.torch.get_device()
 
     job_started = time.perf_counter()
-    hp = train_hparams(cfg, job["use_gpu"], job["steps"])
+    hp = dataclasses.replace(train_hparams(cfg, job["use_gpu"], job["steps"]), lr=job.get("lr", cfg.train.lr))
     if not job.get("conditional", True):  # an unconditional backbone: every label is the null label
         hp = dataclasses.replace(hp, p_uncond=1.0)
     state = make_train_state(build_net(cfg, manifest), hp, derive_seed(cfg.seed, "train", method, rank), device)
@@ -136,6 +159,8 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
 
     size, hflip = cfg.model.image_size, cfg.train.hflip
     loss_log = LossLog(out_dir / "loss.csv", rank == 0, state.step)
+    tracker = RunLogger(cfg.run_dir, job.get("name", method), rank == 0 and cfg.tracking.tensorboard,
+                        cfg.tracking.mlflow_uri, params={"method": method, "steps": total})
     proxy = None  # Tune sweeps only: a quick FID reported with each checkpoint
     if job.get("proxy") and rank == 0:
         from pipeline.common.proxy import ProxyFID
@@ -182,6 +207,7 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
                                images_per_second=window * per_worker * world / max(elapsed, 1e-9),
                                data_wait_fraction=waited / max(elapsed, 1e-9))
                 loss_log.write(metrics)
+                tracker.scalars(state.step, metrics, prefix="train/")
                 sums, window, window_start, waited = {}, 0, time.perf_counter(), 0.0
                 if rank == 0:
                     report_progress(key, state.step, total, "step")
@@ -190,6 +216,10 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
             if ckpt_now:
                 if proxy is not None:
                     metrics["fid"] = proxy(state.ema, state.step)
+                    tracker.scalars(state.step, {"proxy_fid": metrics["fid"]}, prefix="tune/")
+                if rank == 0 and tracker.tb is not None and cfg.tracking.grid_per_class:
+                    tracker.image("samples/ema", state.step, sample_grid(state.ema, cfg, manifest, schedule, device,
+                                                                         job.get("conditional", True)))
                 progress = {"step": state.step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
                 blob = checkpoint_state(state, run_config)
@@ -203,6 +233,7 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
                                          "rows: lower train.batch_size or raise resample.epoch_size")
             epoch += 1
             skip = 0
+    tracker.close()
     final = {"step": state.step, "epoch": epoch, **{k: v for k, v in metrics.items() if k not in ("step", "epoch")},
              "fit_seconds": round(time.perf_counter() - job_started, 2)}
     if rank == 0:
@@ -246,6 +277,7 @@ def train_features_job(job: dict, shard, checkpoint) -> dict:
     schedule = make_schedule(cfg)
     per_worker, total = cfg.train.batch_size // world, job["steps"]
     loss_log = LossLog(out_dir / "loss.csv", rank == 0, step)
+    tracker = RunLogger(cfg.run_dir, job["name"], rank == 0 and cfg.tracking.tensorboard, cfg.tracking.mlflow_uri)
     started, window, running = time.perf_counter(), 0, torch.zeros(())
     if rank == 0:
         report_progress(f"train/{job['name']}", step, total, "step", min_interval=0.0)
@@ -261,6 +293,7 @@ def train_features_job(job: dict, shard, checkpoint) -> dict:
                 if not math.isfinite(loss):
                     raise NonFiniteLossError(f"the feature network of {job['name']} diverged at step {step}")
                 loss_log.write({"step": step, "epoch": epoch, "loss_pc": loss})
+                tracker.scalars(step, {"loss_pc": loss}, prefix="features/")
                 running, window = torch.zeros(()), 0
                 if rank == 0:
                     report_progress(f"train/{job['name']}", step, total, "step")
@@ -273,6 +306,7 @@ def train_features_job(job: dict, shard, checkpoint) -> dict:
                 break
         else:
             epoch += 1
+    tracker.close()
     final = {"step": step, "epoch": epoch, "fit_seconds": round(time.perf_counter() - started, 2)}
     if rank == 0:
         export = {"net": model.state_dict(), "in_channels": manifest["image_shape"][2], "num_classes": len(counts),

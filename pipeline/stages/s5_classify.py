@@ -38,7 +38,7 @@ from pipeline.common.artifacts import (Arm, ClassifierArtifact, DatasetArtifact,
                                        load_samples)
 from pipeline.common.devices import cluster_gpus, resolve_use_gpu
 from pipeline.common.files import write_json
-from pipeline.common.launcher import Job, Scaling, run_jobs
+from pipeline.common.launcher import MAX_JOBS_PER_FIT, Job, Scaling, chunked, run_jobs
 from pipeline.config import Config, ResampleConfig, stable_hash
 from pipeline.errors import TaildiffError
 
@@ -80,16 +80,19 @@ def synthetic_counts(cfg: Config, class_counts: list[int]) -> list[int]:
     return [0] * len(class_counts)
 
 
-def augmentation_config(cfg: Config) -> Config:
-    """The sample section used to generate training images (classify's sampler/steps/omega)."""
+def augmentation_config(cfg: Config, omega: float | None = None) -> Config:
+    """The sample section used to generate training images (classify's sampler/steps/omega; `omega`,
+    a method's own ω chosen by a study, wins over both)."""
     c, s = cfg.classify, cfg.sample
-    sample = dataclasses.replace(s, sampler=c.sampler or s.sampler, steps=c.steps or s.steps,
-                                 omega=s.omega if c.omega is None else c.omega)
+    chosen = omega if omega is not None else (s.omega if c.omega is None else c.omega)
+    sample = dataclasses.replace(s, sampler=c.sampler or s.sampler, steps=c.steps or s.steps, omega=chosen)
     return dataclasses.replace(cfg, sample=sample)
 
 
-def run_classify(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArtifact]) -> dict[str, ClassifierArtifact]:
-    """Every arm of the run: the baselines, then (after the augmentation sets) the synthetic arms."""
+def run_classify(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArtifact],
+                 omegas: dict | None = None) -> dict[str, ClassifierArtifact]:
+    """Every arm of the run: the baselines, then (after the augmentation sets) the synthetic arms.
+    `omegas`: method -> its own guidance ω for the augmentation images (a study's choice)."""
     from pipeline.common.generation import generate_set
     from pipeline.stages.s5_classify_report import write_classify_table
 
@@ -109,7 +112,8 @@ def run_classify(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArti
         if method not in models:
             raise TaildiffError(f"classify arms of {method} need its trained model: add {method} to train.methods "
                                 "or drop it from classify.methods")
-        samples = generate_set(augmentation_config(cfg), data, models[method], synthetic_counts(cfg, counts),
+        samples = generate_set(augmentation_config(cfg, (omegas or {}).get(method)), data, models[method],
+                               synthetic_counts(cfg, counts),
                                folder=f"{method}-augment", seed_tag="augment", use_gpu=sample_gpu)
         judge = results.get("ce") if filtering else None
         sets[method] = build_training_set(cfg, data, method, samples, judge)
@@ -200,7 +204,15 @@ def _reuse(cfg: Config, arm: Arm, key: str, composition: dict) -> ClassifierArti
 
 
 def train_arms(cfg: Config, data: DatasetArtifact, arms: list[Arm], sets: dict) -> dict[str, ClassifierArtifact]:
-    """One wave: every arm not finished before trains as a job of one TorchTrainer run."""
+    """Every arm not finished before, as jobs of TorchTrainer runs of at most MAX_JOBS_PER_FIT arms
+    (each job has its own dataset and so its own split coordinator process)."""
+    results: dict[str, ClassifierArtifact] = {}
+    for chunk in chunked(arms, MAX_JOBS_PER_FIT):
+        results.update(_train_arm_chunk(cfg, data, chunk, sets))
+    return results
+
+
+def _train_arm_chunk(cfg: Config, data: DatasetArtifact, arms: list[Arm], sets: dict) -> dict[str, ClassifierArtifact]:
     from pipeline.common.progress import stage_progress
 
     c = cfg.classify
@@ -215,13 +227,19 @@ def train_arms(cfg: Config, data: DatasetArtifact, arms: list[Arm], sets: dict) 
     storage = (cfg.run_dir / "classify" / "ray").resolve()
     name = f"arms-{stable_hash(keys)}"  # the whole wave (finished arms included): a rerun resumes it
     jobs = [_job(cfg, data, a, keys[a.name], sets[a.method], use_gpu) for a in todo]
+    pending = [j for j in jobs if not _exported(j.config)]  # an arm that ended but was not published is not redone
     with stage_progress("classify"):
-        run_jobs(LOOP, jobs, name=name, storage=storage, scaling=Scaling(c.num_workers, use_gpu, c.cpus_per_worker),
-                 keep=c.keep_checkpoints, max_failures=cfg.train.max_failures, what=f"classifier arms",
-                 pending=lambda js: [j for j in js if not (Path(j.config["out_dir"]) / "final.json").is_file()])
+        run_jobs(LOOP, pending, name=name, storage=storage, scaling=Scaling(c.num_workers, use_gpu, c.cpus_per_worker),
+                 keep=c.keep_checkpoints, max_failures=cfg.train.max_failures, what="classifier arms",
+                 pending=lambda js: [j for j in js if not _exported(j.config)])
     for arm in todo:
         results[arm.name] = _finish(cfg, data, arm, keys[arm.name], sets[arm.method], use_gpu, storage / name)
     return results
+
+
+def _exported(job_config: dict) -> bool:
+    out = Path(job_config["out_dir"])
+    return (out / "final.json").is_file() and (out / "model.pt").is_file()
 
 
 def work_dir(cfg: Config, arm: Arm, key: str) -> Path:
@@ -236,7 +254,6 @@ def _job(cfg: Config, data: DatasetArtifact, arm: Arm, key: str, training_set: t
     set_dir, _, composition = training_set
     out = work_dir(cfg, arm, key)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "final.json").unlink(missing_ok=True)
     train_counts = [r + s for r, s in zip(composition["real"], composition["synthetic"])]
     per_worker = c.batch_size // c.num_workers
     rcfg = ResampleConfig(mode=get_recipe(arm.recipe).resample, batch_size=per_worker)

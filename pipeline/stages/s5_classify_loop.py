@@ -22,6 +22,7 @@ from models.seeding import derive_seed
 from pipeline.common.artifacts import build_classifier
 from pipeline.common.launcher import DeterministicError, NonFiniteLossError, report_checkpoint
 from pipeline.common.progress import report_progress
+from pipeline.common.tracking import RunLogger
 from pipeline.config import config_from_dict
 
 
@@ -80,6 +81,8 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     per_worker = c.batch_size // world
     final = None
     key = f"classify/{arm}"
+    tracker = RunLogger(cfg.run_dir, f"classify-{arm}", rank == 0 and cfg.tracking.tensorboard, cfg.tracking.mlflow_uri,
+                        params={"arm": arm, "recipe": recipe, "epochs": c.epochs})
     if rank == 0:
         report_progress(key, state.epoch, c.epochs, "epoch", min_interval=0.0)
     while state.epoch < c.epochs:
@@ -107,6 +110,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
             if last:
                 final = m
         history.append(row)
+        tracker.scalars(state.epoch, row, prefix="classify/")
         if rank == 0:
             report_progress(key, state.epoch, c.epochs, "epoch", min_interval=0.0)
         model = state.net.module if hasattr(state.net, "module") else state.net
@@ -114,6 +118,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
                 "epoch": state.epoch}
         report_checkpoint(arm, {"state.pt": lambda p: torch.save(blob, p)}, {"epoch": state.epoch, "history": history},
                           row, rank)
+    tracker.close()
     if rank != 0:
         return {}
     model = state.net.module if hasattr(state.net, "module") else state.net

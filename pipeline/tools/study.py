@@ -1,0 +1,190 @@
+"""`python pipeline/run.py study --config configs/fmnist_lt_study.yaml`: the comparison a reviewer
+would accept, in one resumable command.
+
+1. one shared DDPM pre-training (`study.base`: a run of this output_dir whose DDPM is reused, or
+   trained here as run `<name>-base`);
+2. every method of `study.methods` fine-tuned from it for the same `train.finetune_steps` (DDPM
+   itself continued for the same steps), and the methods of `study.equal_compute` again at the
+   steps their cost allows (run `<name>-eqc`: CBDM's two forwards get half the steps);
+3. ω per model from a held-out sampling sweep (`study.omega_grid`, `study.omega_images` images
+   drawn from their own seeds, never the reported ones);
+4. the evaluation set of every model (`sample.per_class` × classes images, the same per-image
+   seeds for every model: paired) and its metrics with bootstrap intervals;
+5. the classify stage with `classify.seeds` seeds per arm: the classifier-only baselines and real +
+   synthetic arms of DDPM and the `study.classify_top` best methods by few-group FID;
+6. `study.results_dir`: results.json (every number with its interval, the config, the commit),
+   table.md (the paired comparison and one line per paper claim: reproduced / not reproduced /
+   inconclusive), and the figures.
+Every piece is a stage artifact: a rerun (or a resumed interrupted run) reuses what is finished.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import DEFAULT_CONFIG, Config, load_config
+from pipeline.errors import TaildiffError
+
+log = logging.getLogger("taildiff.study")
+
+
+def _replace(cfg: Config, **sections) -> Config:
+    """cfg with dotted-free section replacements: _replace(cfg, train={"methods": (...)}, name="x")."""
+    changes = {}
+    for key, value in sections.items():
+        changes[key] = dataclasses.replace(getattr(cfg, key), **value) if isinstance(value, dict) else value
+    return dataclasses.replace(cfg, **changes)
+
+
+def forward_cost(method: str, cfg: Config) -> float:
+    from models.methods.registry import training_cost
+
+    return training_cost(method, cfg.method_options())
+
+
+def base_model(cfg: Config, data) -> Path:
+    """The shared DDPM: `study.base` (a run name of this output_dir, or a model.pt), else trained here."""
+    from pipeline.stages.s2_train import run_train
+
+    s = cfg.study
+    if s.base and s.base.endswith(".pt"):
+        path = Path(s.base)
+    else:
+        base_cfg = _replace(cfg, name=s.base or f"{cfg.name}-base",
+                            train={"methods": ("ddpm",), "init_from": None, "finetune_steps": None})
+        path = run_train(base_cfg, data)["ddpm"].weights
+    if not path.is_file():
+        raise TaildiffError(f"study.base={s.base}: no DDPM weights at {path}; give a model.pt or a run name")
+    return path.resolve()
+
+
+def choose_omegas(cfg: Config, data, models: dict) -> dict:
+    """ω per model minimising FID of `omega_images` held-out samples (own seeds) on domain features."""
+    from models.evaluation.intervals import frechet_from_stats, gaussian_stats
+    from pipeline.common.artifacts import load_model, make_schedule
+    from pipeline.common.features import Extractor, balanced_plan, generate_images, real_features
+    from pipeline.common.files import write_json
+    from pipeline.common.generation import build_denoiser
+
+    path = cfg.run_dir / "study_omega.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    extractor = Extractor(cfg, data)
+    ref = gaussian_stats(real_features(extractor, cfg, data)["reference_feats"])
+    labels, seeds = balanced_plan(data.num_classes, cfg.study.omega_images, cfg.seed, "study-omega")
+    for name, art in models.items():
+        stamp = f"{art.weights}:{art.weights.stat().st_mtime}:{list(cfg.study.omega_grid)}"
+        if done.get(name, {}).get("stamp") == stamp:
+            continue
+        net, run_cfg, manifest = load_model(art.weights)
+        schedule, rows = make_schedule(run_cfg), []
+        for omega in cfg.study.omega_grid:
+            den = build_denoiser(net, art.weights, omega, cfg.sample.bf16, schedule, "cpu")
+            images = generate_images(net, schedule, manifest, run_cfg.model.image_size, labels, seeds,
+                                     sampler=cfg.sample.sampler, steps=cfg.sample.steps, batch_size=cfg.sample.batch_size,
+                                     denoiser=den)
+            rows.append({"omega": omega, "fid": frechet_from_stats(*gaussian_stats(extractor(images)[0]), *ref)})
+            log.info("study: %s ω=%.2f held-out FID %.3f", name, omega, rows[-1]["fid"])
+        best = min(rows, key=lambda r: r["fid"])
+        done[name] = {"stamp": stamp, "rows": rows, "omega": best["omega"]}
+        write_json(path, done)
+    return {name: done[name]["omega"] for name in models}
+
+
+def evaluate_models(cfg: Config, data, models: dict, omegas: dict) -> dict:
+    """Each model's paired evaluation set at its ω, then the evaluate stage on them."""
+    from pipeline.common.devices import cluster_gpus, resolve_use_gpu
+    from pipeline.common.generation import generate_set
+    from pipeline.stages.s3_sample import plan_counts
+    from pipeline.stages.s4_evaluate import run_evaluate
+
+    use_gpu = resolve_use_gpu(cfg.sample.use_gpu, cluster_gpus(), "sample")
+    samples = {}
+    for name, art in models.items():
+        at = _replace(cfg, sample={"omega": omegas[name]})
+        samples[name] = generate_set(at, data, art, plan_counts(cfg, data.manifest), folder=name, seed_tag="eval",
+                                     use_gpu=use_gpu)
+    return run_evaluate(cfg, data, samples)
+
+
+def run_study(cfg: Config) -> dict:
+    from pipeline.common.locking import run_lock
+    from pipeline.common.ray_setup import init_ray
+    from pipeline.stages.s1_data import run_data
+    from pipeline.stages.s2_train import run_train
+    from pipeline.stages.s5_classify import run_classify
+
+    s = cfg.study
+    started = time.perf_counter()
+    with run_lock(cfg.run_dir):
+        init_ray()
+        data = run_data(cfg)
+        base = base_model(cfg, data)
+        ft = _replace(cfg, train={"methods": tuple(s.methods), "init_from": str(base)})
+        models = run_train(ft, data)
+        eqc_models = {}
+        for cost in sorted({forward_cost(m, cfg) for m in s.equal_compute}):
+            group = tuple(m for m in s.equal_compute if forward_cost(m, cfg) == cost)
+            steps = max(1, int(round((cfg.train.finetune_steps or cfg.train.steps) / cost)))
+            eqc = _replace(cfg, name=f"{cfg.name}-eqc{cost:g}",
+                           train={"methods": group, "init_from": str(base), "finetune_steps": steps})
+            for m, art in run_train(eqc, data).items():
+                eqc_models[f"{m}@{steps}steps"] = (eqc, art)
+        omegas = choose_omegas(ft, data, models)
+        evaluations = evaluate_models(ft, data, models, omegas)
+        eqc_evals = {}
+        for label, (eqc, art) in eqc_models.items():
+            omega = choose_omegas(eqc, data, {art.method: art})[art.method]
+            omegas[label] = omega
+            eqc_evals[label] = evaluate_models(eqc, data, {art.method: art}, {art.method: omega})[art.method]
+        few = {m: e.metrics["fid_thirds_few"] for m, e in evaluations.items() if m != "ddpm"}
+        top = sorted(few, key=few.get)[:s.classify_top]
+        cls = _replace(ft, classify={"methods": tuple(["ddpm"] + top)})
+        classifiers = run_classify(cls, data, {m: models[m] for m in ["ddpm"] + top}, omegas=omegas)
+        seconds = time.perf_counter() - started
+    from pipeline.tools.study_report import write_results
+
+    return write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, top, seconds)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pipeline/run.py study", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG.parent / "fmnist_lt_study.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        out = run_study(cfg)
+    except TaildiffError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"study: {out['results_dir']} ({out['seconds']:.0f} s)")
+    return 0
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def as_json(value):
+    """numpy scalars/arrays -> plain JSON."""
+    if isinstance(value, dict):
+        return {k: as_json(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [as_json(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

@@ -1,0 +1,103 @@
+"""The interval arithmetic (models/evaluation/intervals.py) on constructed cases, and a 2-method ×
+2-seed study on digits through the CLI: results.json with intervals for every metric, paired
+evaluation sets, and a rerun that reuses everything."""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from models.evaluation.intervals import (bootstrap_indices, fid_interval, gaussian_stats, mean_interval,
+                                         paired_fid_difference, paired_seed_difference, wilson_interval)
+
+
+def test_wilson_interval_covers_at_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    p, n, trials = 0.2, 200, 2000  # (at small n the discrete coverage oscillates around 95%)
+    covered = 0
+    for _ in range(trials):
+        lo, hi = wilson_interval(int(rng.binomial(n, p)), n)
+        covered += lo <= p <= hi
+    assert 0.93 <= covered / trials <= 0.975
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_t_interval_of_the_mean_covers_at_the_nominal_rate():
+    rng = np.random.default_rng(1)
+    covered = sum(iv["low"] <= 5.0 <= iv["high"]
+                  for iv in (mean_interval(rng.normal(5.0, 2.0, 3)) for _ in range(3000)))
+    assert 0.93 <= covered / 3000 <= 0.97
+    d = paired_seed_difference([80.0, 81.0, 79.5], [78.0, 79.2, 77.9])
+    assert d["real"] and d["low"] > 0 and d["n"] == 3
+
+
+def test_bootstrap_fid_interval_covers_the_truth_and_a_set_against_itself_is_zero():
+    """Many independent draws from the same Gaussian: the percentile interval of FID(draw, truth)
+    covers the population FID of the finite set of that size most of the time."""
+    rng = np.random.default_rng(2)
+    D, n = 4, 400
+    truth = (np.zeros(D), np.eye(D))
+    feats = rng.normal(size=(n, D))
+    lo, hi = fid_interval(feats, truth, replicates=200, seed=0)
+    assert lo < hi and lo >= 0
+    from models.evaluation.intervals import frechet_from_stats
+
+    point = frechet_from_stats(*gaussian_stats(feats), *truth)
+    assert lo <= point <= hi * 1.5
+    same = paired_fid_difference(feats, feats, truth, replicates=100, seed=0)
+    assert same["difference"] == 0.0 and same["low"] == 0.0 and same["high"] == 0.0 and not same["real"]
+    other = paired_fid_difference(feats + 0.5, feats, truth, replicates=100, seed=0)
+    assert other["real"] and other["low"] > 0
+    strata = np.repeat(np.arange(4), 100)
+    idx = bootstrap_indices(400, 5, seed=0, strata=strata)
+    assert all((np.bincount(strata[i], minlength=4) == 100).all() for i in idx)  # a balanced set stays balanced
+
+
+TINY = ["model.image_size=8", "train.steps=12", "train.finetune_steps=6", "train.batch_size=16", "train.log_every=6",
+        "train.checkpoint_every=6", "train.bf16=false", "sample.per_class=6", "sample.steps=3", "sample.batch_size=60",
+        "sample.bf16=false", "classify.epochs=1", "classify.batch_size=64", "classify.baselines=[ce]",
+        "classify.synthetic=per_class", "classify.per_class=3", "classify.steps=3", "classify.seeds=2",
+        "evaluate.bootstrap=20", "evaluate.prd_runs=2", "tracking.grid_per_class=0",
+        "study.base=null", "study.methods=[ddpm,cbdm]", "study.equal_compute=[cbdm]", "study.omega_grid=[1.0,2.0]",
+        "study.omega_images=20", "study.classify_top=1"]
+
+
+def test_a_tiny_study_through_the_cli_writes_intervals_and_reuses_everything(tmp_path):
+    sets = [arg for item in [f"output_dir={tmp_path}", f"study.results_dir={tmp_path / 'results'}", *TINY]
+            for arg in ("--set", item)]
+    cmd = [sys.executable, str(REPO / "pipeline" / "run.py"), "study", "--config", "configs/digits_lt.yaml", *sets]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    for m in ("ddpm", "cbdm"):
+        g = results["generation"][m]
+        for key in ("fid", "fid_thirds_many", "fid_thirds_few"):
+            lo, hi = g[f"{key}_interval"]
+            assert lo <= g[key] <= hi or np.isclose(lo, hi), (m, key)
+        assert {"rate", "low", "high"} <= set(g["class_fidelity"]["all"]) and "speckle" in g
+    diff = results["paired_generation"]["cbdm - ddpm"]["fid"]
+    assert diff["low"] <= diff["difference"] <= diff["high"]
+    cls = results["classification"]
+    assert cls["ce"]["seeds"] == [0, 1] and cls["ce"]["accuracy"]["n"] == 2
+    assert np.isfinite(cls["ce"]["accuracy"]["low"])
+    assert "syn-ddpm - ce" in results["classification_differences"]
+    assert any(k.startswith("cbdm@") for k in results["generation_equal_compute"])
+    assert {c["verdict"].split(" ")[0] for c in results["claims"]} <= {"reproduced", "not", "inconclusive"}
+    assert (tmp_path / "results" / "table.md").is_file() and (tmp_path / "results" / "fid_per_group.png").is_file()
+    # paired: both methods' evaluation sets hold the same per-image seeds
+    seeds = [np.load(tmp_path / "runs" / "digits_lt" / "evaluation" / m / "features.npz")["seed"] for m in ("ddpm", "cbdm")]
+    assert np.array_equal(np.sort(seeds[0]), np.sort(seeds[1]))
+
+    started = time.perf_counter()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    import re
+
+    assert "reusing" in again.stderr
+    assert not re.search(r"train\[[^\]]+\]: \d+ steps", again.stderr)  # nothing retrained ...
+    assert not re.search(r"sample\[[^\]]+\]: \d+ images in", again.stderr)  # ... resampled ...
+    assert not re.search(r"classify\[[^\]]+\]: top-1", again.stderr)  # ... or refitted
+    print(f"tiny study rerun: {time.perf_counter() - started:.1f} s")
