@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -167,24 +166,3 @@ def main(argv: list[str]) -> int:
         return 2
     print(f"study: {out['results_dir']} ({out['seconds']:.0f} s)")
     return 0
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
-    except OSError:
-        return None
-
-
-def as_json(value):
-    """numpy scalars/arrays -> plain JSON."""
-    if isinstance(value, dict):
-        return {k: as_json(v) for k, v in value.items() if not str(k).startswith("_")}
-    if isinstance(value, (list, tuple)):
-        return [as_json(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value

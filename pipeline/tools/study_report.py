@@ -3,6 +3,7 @@ config, the commit), table.md (the paired comparison, the classifier table over 
 paper claim) and the figures a reader wants."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,6 @@ def classifier_differences(classifiers: dict, summary: dict, baselines: list[str
 
 
 def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, top, seconds) -> dict:
-    from pipeline.tools.study import as_json, git_commit
 
     out = Path(cfg.study.results_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,3 +313,24 @@ def tail_grids(cfg, data, names: list[str], path: Path, per_class: int = 8) -> N
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def as_json(value):
+    """numpy scalars/arrays -> plain JSON."""
+    if isinstance(value, dict):
+        return {k: as_json(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [as_json(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

@@ -133,7 +133,8 @@ def collect_trials(sweep_dir: Path, steps: int) -> list[dict]:
             continue
         info = json.loads(info_path.read_text())
         history = []
-        for path in folder.glob("train/*/proxy_fid.csv"):
+        # a finished trial's run is published to train/<method>/; a stopped one stays in its work folder
+        for path in [*folder.glob("train/.work/*/proxy_fid.csv"), *folder.glob("train/*/proxy_fid.csv")]:
             with path.open() as f:
                 history = [(int(r["step"]), float(r["fid"]), float(r["time"])) for r in csv.DictReader(f)]
         finished = (folder / "finished.json").is_file()
