@@ -7,7 +7,7 @@ distribution (coverage of the tail modes) and tail memorisation; mean ± std ove
 paired difference against DDPM (same seeds, same per-sample noise) with its 95% t-interval.
 DiffRC needs a source model: it is trained here the way the pipeline does (head classes only).
 
-    python benchmarks/bench_toy.py [--seeds 3] [--steps 2000] [--methods ddpm,cbdm,t2h,...]
+    python benchmarks/bench_toy.py [--seeds 3] [--steps 600] [--methods ddpm,cbdm,t2h,...]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ METRICS = ["tail_leakage", "overlap", "tail_energy", "tail_spread", "tail_memori
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--methods", default=",".join(DEFAULT))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

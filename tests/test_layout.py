@@ -30,6 +30,30 @@ def test_cluster_yaml_passes_rays_schema():
     validate_config(prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text())))
 
 
+def test_cluster_yaml_is_safe_and_loud():
+    """Dashboard/job API on localhost only, SSH the only inbound port, set-up that fails loudly,
+    the same pins as pyproject.toml, a CPU head and autoscaled GPU workers."""
+    import re
+
+    import yaml
+
+    text = (REPO / "cluster.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    rules = cfg["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    for cmd in cfg["setup_commands"]:
+        assert cmd.startswith("set -euo pipefail;") and "|| true" not in cmd, cmd
+    pins = dict(re.findall(r'"(ray|diffusers)[^"=]*==([\d.]+)"', " ".join(cfg["setup_commands"])))
+    project = (REPO / "pyproject.toml").read_text()
+    for name, version in pins.items():
+        assert re.search(rf'"{name}[^"=]*==\s*{re.escape(version)}"', project), (name, version)
+    assert set(pins) == {"ray", "diffusers"}
+    nodes = cfg["available_node_types"]
+    assert nodes[cfg["head_node_type"]]["max_workers"] == 0 and nodes["gpu_worker"]["max_workers"] > 0
+
+
 def _imports(path):
     """Every pipeline/models module a file imports (module level and inside functions)."""
     import ast
