@@ -145,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     except TaildiffError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished stages and checkpoints are kept; unfinished folders are temp ones
+        print("interrupted: finished stages and the last training checkpoint are kept; rerun the same command "
+              "to continue", file=sys.stderr)
+        return 130
     return 0
 
 

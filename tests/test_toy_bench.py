@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.toy.bench import ToyData, ToyRun, run_method, train_toy
+from models.toy.bench import ToyData, ToyRun, run_method, toy_run, train_toy
 
 DATA = ToyData()
-OPTIONS = {"t2h": {"oc": {"cutoff": 20}}}  # in 2-D the OC kernel is wide: transfer only at t < T/10
 SEEDS = (0, 1, 2)
 
 
@@ -21,7 +20,7 @@ SEEDS = (0, 1, 2)
 def results():
     torch.set_num_threads(2)
     methods = ("ddpm", "cbdm", "t2h", "diffrop")
-    return {m: [run_method(m, DATA, ToyRun(options=OPTIONS.get(m, {})), s) for s in SEEDS]
+    return {m: [run_method(m, DATA, toy_run(m), s) for s in SEEDS]
             for m in methods}
 
 
