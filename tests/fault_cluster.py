@@ -27,12 +27,12 @@ def main(out_dir: str) -> int:
     from pipeline.stages.s1_data import run_data
     from pipeline.stages.s2_train import run_train
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    steps, every = 60, 20
+    steps, every = 40, 10
     cfg = load_config(REPO / "configs" / "digits_lt.yaml", [
         f"output_dir={out_dir}", f"train.steps={steps}", f"train.checkpoint_every={every}", "train.log_every=5",
         "train.max_failures=1", "train.cpus_per_worker=1", "train.num_workers=1", "model.preset=small",

@@ -1,5 +1,7 @@
 """`python pipeline/run.py` as a user runs it: dry run, a real run, a rerun, and bad input."""
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +13,33 @@ from conftest import REPO
 
 QUICK_CLASSIFY = ["--set", "classify.epochs=1", "--set", "classify.baselines=[ce]", "--set", "classify.synthetic=per_class",
                   "--set", "classify.per_class=2", "--set", "classify.batch_size=64"]
+
+
+def start_cli(*args):
+    return subprocess.Popen([sys.executable, str(REPO / "pipeline" / "run.py"), *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_for(predicate, proc, timeout=240):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before the fault point:\n"
+                                 f"{proc.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("the fault point was not reached")
+
+
+def checkpoint_steps(run_dir):
+    steps = []
+    for path in (run_dir / "train" / "ray").glob("*/checkpoint_*/progress.json"):
+        try:
+            steps.append(json.loads(path.read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            pass  # being written
+    return steps
 
 
 def run_cli(*args, timeout=400):
@@ -28,22 +57,49 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
 
 
 def test_main_job_runs_then_skips(tmp_path):
+    """The main job as a user meets it: a Ctrl-C during the data stage, the data stage alone, the whole
+    job with its driver SIGKILLed after the first training checkpoint, the rerun that resumes it, and
+    a rerun that skips everything. Prints the fault-table rows (steps redone, wall time)."""
     base = ["--config", "configs/digits_lt.yaml", "--set", f"output_dir={tmp_path}"]
+    run_dir, datasets = tmp_path / "runs" / "digits_lt", tmp_path / "datasets"
+
+    started = time.perf_counter()
+    proc = start_cli(*base, "--stages", "data")
+    wait_for(lambda: datasets.is_dir() and any(p.name.startswith(".tmp-") for p in datasets.iterdir()), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted:"), err[-2000:]
+    assert not [p for p in datasets.iterdir() if not p.name.startswith(".")]  # nothing published half-built
+    print(f"fault: SIGINT during the data stage -> rc 130, no dataset folder published "
+          f"({time.perf_counter() - started:.1f} s to exit)")
+
     first = run_cli(*base, "--stages", "data")
     assert first.returncode == 0, first.stderr[-2000:]
-    run_dir = tmp_path / "runs" / "digits_lt"
+    assert not [p for p in datasets.iterdir() if p.name.startswith(".tmp-")]  # the killed build's temp is gone
     written = json.loads((run_dir / "config.json").read_text())
     assert written["output_dir"] == str(tmp_path) and written["stages"] == ["data"]
     stages = json.loads((run_dir / "stages.json").read_text())
-    manifest = json.loads((tmp_path / "datasets" / stages["dataset_dir"].split("/")[-1] / "manifest.json").read_text())
+    manifest = json.loads((datasets / stages["dataset_dir"].split("/")[-1] / "manifest.json").read_text())
     assert manifest["dataset"] == "digits" and not stages["data_reused"]
     assert "label" in first.stdout  # the per-class table
 
-    job = [*base, "--set", "train.steps=20", "--set", "train.checkpoint_every=10", *QUICK_CLASSIFY]
+    job = [*base, "--set", "train.steps=30", "--set", "train.checkpoint_every=10", *QUICK_CLASSIFY]
+    started = time.perf_counter()
+    proc = start_cli(*job)
+    wait_for(lambda: checkpoint_steps(run_dir), proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # no clean-up at all; its Ray goes with its process group
+    proc.wait()
+    kept = max(checkpoint_steps(run_dir))
     whole = run_cli(*job)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    log = whole.stdout + whole.stderr
+    assert "data: reusing" in log and (kept == 30 or f"resuming from step {kept}" in log), log[-3000:]
     stages = json.loads((run_dir / "stages.json").read_text())
-    assert stages["data_reused"] and stages["models"]["ddpm"]["step"] == 20
+    assert stages["data_reused"] and stages["models"]["ddpm"]["step"] == 30
+    loss_steps = [int(x.split(",")[0]) for x in (run_dir / "train" / "ddpm" / "loss.csv").read_text().splitlines()[1:]]
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 30  # no repeated or interleaved rows
+    print(f"fault: SIGKILL of the driver after checkpoint {kept} of 30 -> the rerun skipped the data stage and "
+          f"resumed from step {kept} (steps redone <= {10}); {time.perf_counter() - started:.1f} s for both runs")
     assert stages["samples"]["ddpm"]["images"] == 50
     assert (run_dir / "samples" / "ddpm" / "grid.png").is_file() and (run_dir / "train" / "ddpm" / "loss.png").is_file()
     assert set(stages["classify"]) == {"ce", "syn-ddpm"} and (run_dir / "report.md").is_file()

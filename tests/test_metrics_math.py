@@ -79,3 +79,21 @@ def test_kid_and_precision_recall_through_torch_fidelity_on_constructed_sets():
     gen = real[real.norm(dim=1) < 0.5][:100]
     pr = prc_features_to_metric(gen, real, prc_neighborhood=5, prc_batch_size=1000, save_cpu_ram=True, verbose=False)
     assert pr["precision"] == 1.0 and pr["recall"] < 0.5
+
+
+def test_frechet_from_stats_equals_scipys_sqrtm_route():
+    """The eigenvalue route of the bootstrap intervals against torch-fidelity's formula (scipy sqrtm),
+    on random full-rank and rank-deficient covariances, and a hand case: 1-D N(0, 4) vs N(1, 1):
+    (0−1)² + 4 + 1 − 2·√4 = 2."""
+    from scipy import linalg
+
+    from models.evaluation.intervals import frechet_from_stats
+
+    rng = np.random.default_rng(0)
+    for n, d in ((500, 16), (40, 64)):  # n < d: singular covariances, as per-class FIDs meet
+        a, b = rng.normal(size=(n, d)), rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3 + 0.2
+        mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+        covmean = linalg.sqrtm(s1 @ s2).real
+        ref = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+        assert frechet_from_stats(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-6, abs=1e-6)
+    assert frechet_from_stats(np.zeros(1), np.array([[4.0]]), np.ones(1), np.array([[1.0]])) == pytest.approx(2.0)

@@ -32,17 +32,23 @@ def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def frechet_from_stats(mu1, sigma1, mu2, sigma2) -> float:
-    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), the FID formula (scipy's sqrtm, as torch-fidelity)."""
-    from scipy import linalg
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
-    diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+def frechet_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), the FID formula.
+
+    tr((Σ1Σ2)^½) = Σ_i √λ_i(Σ2^½ Σ1 Σ2^½) (the two products are similar matrices), computed with two
+    symmetric eigendecompositions: the same number as scipy's sqrtm (torch-fidelity's route) to
+    ~1e-8 relative (tests/test_metrics_math.py), about 8× faster, which the bootstrap intervals
+    (hundreds of FIDs per set) need."""
+    diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
+    root2 = _psd_sqrt(np.asarray(sigma2, dtype=np.float64))
+    inner = root2 @ np.asarray(sigma1, dtype=np.float64) @ root2
+    trace_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum())
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def bootstrap_indices(n: int, replicates: int, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
