@@ -19,6 +19,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _train_worker_raylets() -> set[int]:
+    """The parent pids (raylets) of the live Ray Train worker processes, from /proc (no dashboard,
+    no psutil): a worker process is titled `ray::RayTrainWorker...` and started by its node's raylet."""
+    parents = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                stat = (proc / "stat").read_text()
+                parents.add(int(stat.rsplit(")", 1)[1].split()[1]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return parents
+
+
 def main(out_dir: str) -> int:
     import ray
     from ray.cluster_utils import Cluster
@@ -27,7 +43,7 @@ def main(out_dir: str) -> int:
     from pipeline.stages.s1_data import run_data
     from pipeline.stages.s2_train import run_train
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
@@ -45,11 +61,8 @@ def main(out_dir: str) -> int:
         while not fault.get("stop"):
             done = [json.loads(p.read_text())["step"] for p in storage.glob("*/checkpoint_*/progress.json")]
             if done:
-                from ray.util.state import list_actors
-
-                hosts = {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                         if "TrainWorker" in (a.class_name or "")}
-                victim = next((n for n in workers if n.node_id in hosts), None)
+                hosts = _train_worker_raylets()
+                victim = next((n for n in workers if n.all_processes["raylet"][0].process.pid in hosts), None)
                 if victim is None:
                     time.sleep(0.1)
                     continue

@@ -65,12 +65,18 @@ TINY = ["model.image_size=8", "train.steps=12", "train.finetune_steps=6", "train
         "study.omega_images=20", "study.classify_top=1"]
 
 
-def test_a_tiny_study_through_the_cli_writes_intervals_and_reuses_everything(tmp_path):
-    sets = [arg for item in [f"output_dir={tmp_path}", f"study.results_dir={tmp_path / 'results'}", *TINY]
-            for arg in ("--set", item)]
-    cmd = [sys.executable, str(REPO / "pipeline" / "run.py"), "study", "--config", "configs/digits_lt.yaml", *sets]
-    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_a_tiny_study_writes_intervals_and_reuses_everything(ray_session, tmp_path, caplog):
+    """The study on the session's Ray (run_study, what `run.py study` calls), then the same study
+    again through the CLI, which must reuse every piece."""
+    import logging
+    import re
+
+    from pipeline.config import load_config
+    from pipeline.tools.study import run_study
+
+    caplog.set_level(logging.INFO, logger="taildiff")
+    overrides = [f"output_dir={tmp_path}", f"study.results_dir={tmp_path / 'results'}", *TINY]
+    run_study(load_config(REPO / "configs" / "digits_lt.yaml", overrides))
     results = json.loads((tmp_path / "results" / "results.json").read_text())
     for m in ("ddpm", "cbdm"):
         g = results["generation"][m]
@@ -91,13 +97,13 @@ def test_a_tiny_study_through_the_cli_writes_intervals_and_reuses_everything(tmp
     seeds = [np.load(tmp_path / "runs" / "digits_lt" / "evaluation" / m / "features.npz")["seed"] for m in ("ddpm", "cbdm")]
     assert np.array_equal(np.sort(seeds[0]), np.sort(seeds[1]))
 
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    cmd = [sys.executable, str(REPO / "pipeline" / "run.py"), "study", "--config", "configs/digits_lt.yaml", *sets]
     started = time.perf_counter()
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    import re
-
     assert "reusing" in again.stderr
     assert not re.search(r"train\[[^\]]+\]: \d+ steps", again.stderr)  # nothing retrained ...
     assert not re.search(r"sample\[[^\]]+\]: \d+ images in", again.stderr)  # ... resampled ...
     assert not re.search(r"classify\[[^\]]+\]: top-1", again.stderr)  # ... or refitted
-    print(f"tiny study rerun: {time.perf_counter() - started:.1f} s")
+    print(f"tiny study rerun through the CLI: {time.perf_counter() - started:.1f} s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import os
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
 
     from pipeline.common.shards import read_split
 
+    job_started = time.perf_counter()  # the arm's own time inside the worker (the fit's fixed cost is the rest)
     cfg = config_from_dict(job["config"])
     c, arm, recipe = cfg.classify, job["arm"], job["recipe"]
     seed = job.get("seed", cfg.seed)
@@ -128,7 +130,8 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     best = max(evaluated, key=lambda r: r["accuracy"])
     result = {"last": final, "best_epoch": best["epoch"], "best_accuracy": best["accuracy"],
               "best_balanced_accuracy": best["balanced_accuracy"], "history": history, "epochs": state.epoch,
-              "train_images_per_epoch": int(np.sum(job["train_counts"]))}
+              "train_images_per_epoch": int(np.sum(job["train_counts"])),
+              "fit_seconds": round(time.perf_counter() - job_started, 2)}
     export = {"net": {k: v.contiguous() for k, v in model.state_dict().items()}, "recipe": recipe,
               "num_classes": num_classes, "in_channels": image_shape[2], "epoch": state.epoch}
     torch.save(export, out_dir / "model.pt.tmp")
