@@ -121,7 +121,7 @@ def _free_cpus_back(ray, start: float, timeout: float = 30.0) -> float:
 def test_training_sweep_two_trials_early_stop_frees_cpus(tune_ray, tmp_path):
     from pipeline.tuning.cli import run_tune
 
-    base = load_config(REPO / "configs" / "digits_lt.yaml", [f"output_dir={tmp_path}", *TINY, "train.steps=30"])
+    base = load_config(REPO / "configs" / "digits_lt.yaml", [f"output_dir={tmp_path}", *TINY, "train.steps=8"])
     space_file = tmp_path / "cbdm_tiny.yaml"
     space_file.write_text("method: cbdm\nkind: train\nscheduler: {type: asha, grace_period: 2}\n"
                           "proxy: {images: 20, steps: 2, batch_size: 20}\n"
@@ -135,7 +135,7 @@ def test_training_sweep_two_trials_early_stop_frees_cpus(tune_ray, tmp_path):
     result = run_tune(base, space, stop=stop_low_tau)
     rows = {r["params"]["cbdm.tau"]: r for r in result["rows"]}
     assert set(rows) == {0.5, 2.0}
-    assert rows[0.5]["status"] == "stopped" and rows[0.5]["step"] < 30
+    assert rows[0.5]["status"] == "stopped" and rows[0.5]["step"] < 8
     assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in rows.values())
     assert [s for s, _ in rows[2.0]["fid_history"]][0] == 2
     assert _free_cpus_back(tune_ray, start) == start  # no leaked placement group
@@ -145,7 +145,7 @@ def test_training_sweep_two_trials_early_stop_frees_cpus(tune_ray, tmp_path):
     assert len({r["run_dir"] for r in result["rows"]}) == 2  # trials never share a run folder
     best = load_config(result["best_yaml"][0])
     assert best.train.methods == ("cbdm",) and best.cbdm.tau == result["best"]["params"]["cbdm.tau"]
-    assert best.cbdm.label_set == "balanced" and best.train.steps == 30
+    assert best.cbdm.label_set == "balanced" and best.train.steps == 8
 
 
 def test_guidance_sweep_three_omegas_best_yaml_round_trips(tune_ray, tmp_path):

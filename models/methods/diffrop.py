@@ -38,10 +38,11 @@ MARGINS = ("constant", "posterior")
 @dataclass(frozen=True)
 class DiffROPOptions:
     """The `diffrop` config section. No public code exists: every default follows the paper's Alg. 1
-    except τ0 / temperature, which the paper leaves open and a measured sweep set (README, note)."""
+    except τ0 / temperature, which the paper leaves open; they are not tuned here yet
+    (tune_spaces/diffrop.yaml searches them around these values)."""
 
     form: str = "reciprocal"  # Alg. 1's hinge-like reciprocal form
-    tau0: float = 1.0  # τ(t = 0); not given in the paper: set from the Fashion-MNIST-LT sweep
+    tau0: float = 1.0  # τ(t = 0); not given in the paper, not tuned yet
     temperature: float = 1.0  # τ(t) = τ0·exp(−(t/T)/temperature); not given in the paper
     distance: str = "l2"  # l2: ‖Δμ‖² over pixels (Alg. 1) | kl: ‖Δμ‖²/(2β_t) (Eq. 8)
     margin: float = 1.0  # hinge only: the constant margin D
