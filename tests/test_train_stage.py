@@ -141,3 +141,4 @@ def test_composed_methods_and_fine_tuning_through_ray_train(ray_session, tmp_pat
     assert curve[-1] > curve[0] + 0.3  # (repeated tail rows in a balanced batch transfer even at t=0)
     manifest = json.loads((t2h / "manifest.json").read_text())
     assert manifest["init_from"].endswith("ddpm/model.pt") and manifest["resample"] == "balanced_batch"
+

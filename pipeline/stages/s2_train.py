@@ -245,7 +245,10 @@ def _job(cfg: Config, data: DatasetArtifact, spec: TrainSpec, key: str, use_gpu:
     if spec.kind == "diffusion" and _needs(cfg, spec.method).guidance:
         guidance = {"kind": _needs(cfg, spec.method).guidance, "scale": _needs(cfg, spec.method).guidance_scale,
                     "weights": str((cfg.run_dir / "train" / f"{spec.name}-features" / "features.pt").resolve())}
-    config = {"config": cfg.to_dict(), "method": spec.method, "name": spec.name, "kind": spec.kind,
+    # run_dir absolute: a Ray Train worker runs in its own artifacts folder, where a relative
+    # output_dir (the presets' "outputs") would put the TensorBoard logs
+    config = {"config": cfg.to_dict(), "run_dir": str(cfg.run_dir.resolve()), "method": spec.method,
+              "name": spec.name, "kind": spec.kind,
               "loop": LOOPS[spec.kind], "steps": spec.steps, "manifest": data.manifest, "out_dir": str(out),
               "artifact": _artifact_file(spec), "init_weights": weights_path(cfg, spec.init),
               "source_weights": weights_path(cfg, spec.source), "conditional": spec.conditional,

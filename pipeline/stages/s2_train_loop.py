@@ -159,7 +159,7 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
 
     size, hflip = cfg.model.image_size, cfg.train.hflip
     loss_log = LossLog(out_dir / "loss.csv", rank == 0, state.step)
-    tracker = RunLogger(cfg.run_dir, job.get("name", method), rank == 0 and cfg.tracking.tensorboard,
+    tracker = RunLogger(Path(job.get("run_dir", cfg.run_dir)), job.get("name", method), rank == 0 and cfg.tracking.tensorboard,
                         cfg.tracking.mlflow_uri, params={"method": method, "steps": total})
     proxy = None  # Tune sweeps only: a quick FID reported with each checkpoint
     if job.get("proxy") and rank == 0:
@@ -277,7 +277,7 @@ def train_features_job(job: dict, shard, checkpoint) -> dict:
     schedule = make_schedule(cfg)
     per_worker, total = cfg.train.batch_size // world, job["steps"]
     loss_log = LossLog(out_dir / "loss.csv", rank == 0, step)
-    tracker = RunLogger(cfg.run_dir, job["name"], rank == 0 and cfg.tracking.tensorboard, cfg.tracking.mlflow_uri)
+    tracker = RunLogger(Path(job.get("run_dir", cfg.run_dir)), job["name"], rank == 0 and cfg.tracking.tensorboard, cfg.tracking.mlflow_uri)
     started, window, running = time.perf_counter(), 0, torch.zeros(())
     if rank == 0:
         report_progress(f"train/{job['name']}", step, total, "step", min_interval=0.0)

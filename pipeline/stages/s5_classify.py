@@ -258,7 +258,8 @@ def _job(cfg: Config, data: DatasetArtifact, arm: Arm, key: str, training_set: t
     per_worker = c.batch_size // c.num_workers
     rcfg = ResampleConfig(mode=get_recipe(arm.recipe).resample, batch_size=per_worker)
     seed = derive_seed(cfg.seed, "classify-seed", arm.seed) if arm.seed else cfg.seed
-    config = {"config": cfg.to_dict(), "arm": arm.name, "recipe": arm.recipe, "seed": seed,
+    config = {"config": cfg.to_dict(), "run_dir": str(cfg.run_dir.resolve()), "arm": arm.name, "recipe": arm.recipe,
+              "seed": seed,
               "num_classes": data.num_classes, "image_shape": list(data.image_shape), "train_counts": train_counts,
               "test_dir": str(data.split_dir("test").resolve()), "out_dir": str(out), "use_gpu": use_gpu,
               "groups": class_groups(data.manifest["class_counts"], "thirds")}

@@ -83,7 +83,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     per_worker = c.batch_size // world
     final = None
     key = f"classify/{arm}"
-    tracker = RunLogger(cfg.run_dir, f"classify-{arm}", rank == 0 and cfg.tracking.tensorboard, cfg.tracking.mlflow_uri,
+    tracker = RunLogger(Path(job.get("run_dir", cfg.run_dir)), f"classify-{arm}", rank == 0 and cfg.tracking.tensorboard, cfg.tracking.mlflow_uri,
                         params={"arm": arm, "recipe": recipe, "epochs": c.epochs})
     if rank == 0:
         report_progress(key, state.epoch, c.epochs, "epoch", min_interval=0.0)
