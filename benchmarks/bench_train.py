@@ -1,6 +1,6 @@
 """Training throughput on this machine, measured in one run.
 
-1. The `small` preset on Fashion-MNIST-LT batches (32×32 grey, batch 64): images/s of the pure
+1. The default preset's model and step on Fashion-MNIST-LT batches (batch 64): images/s of the pure
    `models.training.train_step` loop in fp32 and in bf16 autocast (goal >= 125 img/s bf16).
 2. The same steps through the Ray Train stage (1 worker, the rebalanced Ray Data stream, DDP
    off): steady-state images/s measured inside the worker, and the overhead against (1).
@@ -22,26 +22,31 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def plain_loop(images, labels, steps, batch, bf16, threads):
+def plain_loop(cfg, manifest, images, labels, steps, batch, bf16, threads):
+    """The stage's own model, hyper-parameters, loss and step (from `cfg`), on random batches drawn
+    in the process: no Ray, no data stream."""
+    import dataclasses
+
     from models.data.images import to_model_space
-    from models.methods.base import ddpm_loss
-    from models.diffusion.schedule import NoiseSchedule
-    from models.diffusion.training import TrainHParams, make_train_state, train_step
-    from models.diffusion.unet import build_unet
+    from models.diffusion.training import make_train_state, train_step
+    from models.methods.registry import make_loss
+    from pipeline.common.artifacts import build_net, make_schedule
+    from pipeline.stages.s2_train_loop import train_hparams
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    hp = TrainHParams(lr=1e-3, warmup_steps=100, ema_decay=0.999, bf16=bf16)
-    state = make_train_state(build_unet("small", in_channels=1, num_classes=10), hp, seed=0)
-    schedule = NoiseSchedule()
+    hp = dataclasses.replace(train_hparams(cfg, False, cfg.train.steps), bf16=bf16)
+    state = make_train_state(build_net(cfg, manifest), hp, seed=0)
+    schedule = make_schedule(cfg)
+    loss_fn = make_loss("ddpm", cfg.method_options(), manifest["class_counts"], T=schedule.T)
     g = torch.Generator().manual_seed(0)
     warm = 5
     for step in range(warm + steps):
         if step == warm:
             start = time.perf_counter()
         idx = torch.randint(0, len(labels), (batch,), generator=g)
-        x0 = to_model_space(images[idx], 32)
-        out = train_step(state, x0, labels[idx], ddpm_loss, schedule, hp)
+        x0 = to_model_space(images[idx], cfg.model.image_size, cfg.train.hflip, state.generator)
+        out = train_step(state, x0, labels[idx], loss_fn, schedule, hp)
     out["loss"].item()
     return steps * batch / (time.perf_counter() - start)
 
@@ -68,9 +73,11 @@ def main() -> None:
     arrays = read_split(data.split_dir("train"), data.image_shape)
     images, labels = torch.from_numpy(arrays["image"]), torch.from_numpy(arrays["label"])
 
+    cfg0 = load_config(None, base)
+    manifest = data.manifest
     rates = {}
     for bf16 in (False, True):
-        rates[bf16] = plain_loop(images, labels, args.steps, args.batch_size, bf16, threads=2)
+        rates[bf16] = plain_loop(cfg0, manifest, images, labels, args.steps, args.batch_size, bf16, threads=2)
     print(f"small preset, batch {args.batch_size}, {args.steps} timed steps, 2 threads")
     print(f"  plain loop fp32: {rates[False]:7.1f} img/s")
     print(f"  plain loop bf16: {rates[True]:7.1f} img/s   (bf16/fp32 {rates[True] / rates[False]:.2f}x; "
@@ -88,7 +95,7 @@ def main() -> None:
     steady = [r["images_per_second"] for r in rows[1:]]
     ray_rate = len(steady) / sum(1.0 / r for r in steady)  # harmonic mean = total images / total time
     wait = sum(r["data_wait_fraction"] for r in rows[1:]) / len(rows[1:])
-    after = plain_loop(images, labels, args.steps, args.batch_size, True, threads=2)  # the machine drifts:
+    after = plain_loop(cfg0, manifest, images, labels, args.steps, args.batch_size, True, threads=2)  # the machine drifts:
     plain = (rates[True] + after) / 2  # bracket the Ray Train run with plain runs
     print(f"  Ray Train bf16:  {ray_rate:7.1f} img/s steady state (worker-measured, includes the data stream; "
           f"{wait:.1%} of it waiting for data)")

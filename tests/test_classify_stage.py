@@ -10,6 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
+import torch
+
+from models.classify.training import to_classifier_input
+from pipeline.common.artifacts import load_classifier
 from pipeline.stages.s5_classify import plan_arms, run_classify, synthetic_counts
 from pipeline.stages.s1_data import run_data
 from pipeline.stages.s6_report import run_report
@@ -17,7 +21,7 @@ from pipeline.stages.s2_train import run_train
 
 TINY = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train.log_every=3", "train.checkpoint_every=3",
         "train.bf16=false", "sample.steps=3", "sample.batch_size=40", "sample.bf16=false", "classify.epochs=1",
-        "classify.batch_size=64", "classify.steps=3"]
+        "classify.batch_size=64", "classify.steps=3", "classify.input_size=8"]  # digits' own 8×8
 
 
 def test_synthetic_plans_fill_and_per_class(make_config):
@@ -81,10 +85,24 @@ def test_each_arm_trains_one_epoch_on_ray_train_and_reports(classified):
         assert m["epochs"] == 1 and m["best_epoch"] == 1
         for f in ("model.pt", "metrics.json", "history.csv", "confusion.png", "manifest.json"):
             assert (art.path / f).is_file(), (name, f)
+        net, size = load_classifier(art.path / "model.pt")  # the canvas it trained on travels with it
+        assert size == 8 and net(torch.zeros(2, 1, size, size)).shape == (2, 10)
     table = (cfg.run_dir / "classify" / "table.md").read_text()
     for name in results:
         assert f"| {name} |" in table
     assert "LDAM-DRW" in table and "LT real + synthetic (ddpm)" in table
+
+
+def test_input_size_smaller_than_the_images_is_one_line(make_config):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="classify.input_size=4 is too small"):
+        make_config("digits_lt", "classify.input_size=4")
+    images = torch.randint(0, 256, (3, 28, 28, 1), dtype=torch.uint8)
+    x = to_classifier_input(images, augment=True, generator=torch.Generator().manual_seed(0), size=28,
+                            channels_last=True)
+    assert x.shape == (3, 1, 28, 28) and x.is_contiguous(memory_format=torch.channels_last)
+    assert to_classifier_input(images).shape == (3, 1, 32, 32)  # the recipe's canvas by default
 
 
 def test_rerun_reuses_every_arm(classified):

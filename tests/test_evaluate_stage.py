@@ -42,6 +42,13 @@ def test_evaluation_writes_metrics_table_and_plots(tiny_run):
     assert 0.0 <= m["memorization"]["all"] <= 1.0 and m["fid"] > 0
     table = (cfg.run_dir / "evaluation" / "table.md").read_text()
     assert "| ddpm |" in table and "domain" in table
+    fidelity = m["class_fidelity"]["per_class"]  # each class: a rate with its Wilson interval
+    assert len(fidelity) == 10 and all(0 <= f["low"] <= f["rate"] <= f["high"] <= 1 for f in fidelity)
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and ln.count("|") == 5]
+    names = data.manifest["class_names"]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == list(names)  # a row per class, after the header
+    real = m["extractor"]["per_class_accuracy"]
+    assert rows[1].split("|")[3].strip() == f"{100 * real[0]:.1f}"  # beside the real-image ceiling
     for png in ("per_class_fid.png", "memorization.png"):
         assert (result.path / png).stat().st_size > 0
     again = run_evaluate(cfg, data, samples)["ddpm"]

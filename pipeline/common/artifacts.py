@@ -201,8 +201,9 @@ def build_classifier(recipe_name: str, num_classes: int, in_channels: int) -> to
     return resnet32(num_classes, in_channels, normed=get_recipe(recipe_name).normed_head)
 
 
-def load_classifier(weights: Path) -> torch.nn.Module:
+def load_classifier(weights: Path) -> tuple[torch.nn.Module, int]:
+    """(the classifier in eval mode, the input canvas size it was trained on)."""
     blob = torch.load(weights, map_location="cpu", weights_only=True)
     net = build_classifier(blob["recipe"], blob["num_classes"], blob["in_channels"])
     net.load_state_dict(blob["net"])
-    return net.eval()
+    return net.eval(), int(blob.get("input_size", 32))

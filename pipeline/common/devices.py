@@ -57,7 +57,7 @@ def resolve_devices(cfg) -> dict:
         sec = getattr(cfg, section)
         gpu = resolve_use_gpu(sec.use_gpu, gpus, section)
         bf16 = getattr(sec, "bf16", False)
-        channels = getattr(sec, "channels_last", None) if section == "train" else None
-        out[section] = device_choice(gpu, bf16, channels or None).as_dict()
+        channels = getattr(sec, "channels_last", None) if section in ("train", "classify") else None
+        out[section] = device_choice(gpu, bf16, channels).as_dict()
     out["cluster_gpus"] = gpus
     return out

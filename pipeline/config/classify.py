@@ -44,9 +44,11 @@ class ClassifyConfig:
     ldam_max_m: float = 0.5
     ldam_s: float = 30.0
     la_tau: float = 1.0  # logit adjustment: logits + τ·log π_y (Menon et al. 2021)
-    augment: bool = True  # RandomCrop(32, pad 4) + horizontal flip
+    input_size: int = 32  # the canvas images are centred on (the recipe's 32; 28 = Fashion-MNIST's own)
+    augment: bool = True  # RandomCrop(input_size, pad 4) + horizontal flip
     eval_every: int = 1  # test-set evaluation cadence in epochs (the last epoch always)
     bf16: bool = False
+    channels_last: Optional[bool] = None  # None = per device: on for CUDA (no gain on CPU: bench_classify.py)
     num_workers: int = 1
     use_gpu: Union[bool, str] = "auto"  # auto: GPUs when the cluster has them
     cpus_per_worker: float = 1.0
@@ -74,6 +76,9 @@ def validate_classify(c: ClassifyConfig, train_methods: tuple) -> None:
         raise ConfigError(f"unknown classify.synthetic {c.synthetic!r}: use one of {', '.join(SYNTHETIC_PLANS)}")
     if c.synthetic == "per_class" and c.per_class < 1:
         raise ConfigError("classify.synthetic=per_class needs classify.per_class >= 1 (images added per class)")
+    if c.input_size < 8:
+        raise ConfigError(f"classify.input_size={c.input_size} is too small for ResNet-32: use the images' size "
+                          "or 32")
     if c.sampler is not None and c.sampler not in SAMPLERS:
         raise ConfigError(f"unknown classify.sampler {c.sampler!r}: use one of {', '.join(SAMPLERS)}")
     if not 0.0 <= c.filter_min_confidence < 1.0:

@@ -73,7 +73,7 @@ def run_evaluate(cfg: Config, data: DatasetArtifact, samples: dict[str, SampleAr
     if real is not None or not (root / "reference_stats.npz").is_file():
         real = real if real is not None else real_features(extractor, cfg, data)
         save_reference_stats(real, data.manifest["class_counts"], root / "reference_stats.npz")
-    write_table(results, root / "table.md", extractor.info)
+    write_table(results, root / "table.md", extractor.info, data.manifest)
     return results
 
 
@@ -109,7 +109,7 @@ def _rate(entry: dict | None, digits: int = 1) -> str:
     return f"{100 * entry['rate']:.{digits}f} [{100 * entry['low']:.{digits}f}, {100 * entry['high']:.{digits}f}]"
 
 
-def write_table(results: dict[str, EvalArtifact], path: Path, info: dict) -> None:
+def write_table(results: dict[str, EvalArtifact], path: Path, info: dict, manifest: dict | None = None) -> None:
     head = ("| method | n | FID [95% CI] | FID many | FID medium | FID few | class fidelity % | fidelity few % | "
             "speckled % | KID×1e3 | precision | recall | IS | F8 | F1/8 | memorized few |")
     lines = [f"Features: **{info['extractor']}**" + (f" (test accuracy {info['test_accuracy']:.4f})"
@@ -126,8 +126,32 @@ def write_table(results: dict[str, EvalArtifact], path: Path, info: dict) -> Non
                      f"{m['kernel_inception_distance_mean'] * 1e3:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | "
                      f"{m['inception_score_mean']:.2f} | {m['prd_f8']:.3f} | {m['prd_f1_8']:.3f} | "
                      f"{_fmt(m['memorization']['thirds_few'], 3)} |")
+    lines += per_class_fidelity_table(results, info, manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def per_class_fidelity_table(results: dict[str, EvalArtifact], info: dict, manifest: dict | None) -> list[str]:
+    """Per class: the rate at which the domain classifier recognises each method's samples as the
+    class asked for (Wilson 95%), beside its accuracy on real test images of that class: the
+    ceiling a generator is held to (a class the classifier confuses on real images cannot score
+    higher on generated ones)."""
+    with_rates = {m: a.metrics["class_fidelity"]["per_class"] for m, a in results.items()
+                  if a.metrics.get("class_fidelity", {}).get("per_class")}
+    if not with_rates:
+        return []
+    classes = len(next(iter(with_rates.values())))
+    names = (manifest or {}).get("class_names") or [str(c) for c in range(classes)]
+    counts = (manifest or {}).get("class_counts") or [None] * classes
+    real = info.get("per_class_accuracy") or [None] * classes
+    lines = ["", "Class fidelity per class, % [95% Wilson] (real: the domain classifier's accuracy on the real test "
+             "images of the class)", "",
+             "| class | train images | real | " + " | ".join(with_rates) + " |", "|" + "---|" * (3 + len(with_rates))]
+    for c in range(classes):
+        cells = [_rate(rates[c]) for rates in with_rates.values()]
+        lines.append(f"| {names[c]} | {counts[c] if counts[c] is not None else 'n/a'} | "
+                     f"{'n/a' if real[c] is None else f'{100 * real[c]:.1f}'} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_per_class_fid(m: dict, manifest: dict, out: Path, title: str, info: dict) -> None:

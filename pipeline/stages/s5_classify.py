@@ -40,7 +40,7 @@ from pipeline.common.devices import cluster_gpus, resolve_use_gpu
 from pipeline.common.files import write_json
 from pipeline.common.launcher import MAX_JOBS_PER_FIT, Job, Scaling, chunked, run_jobs
 from pipeline.config import Config, ResampleConfig, stable_hash
-from pipeline.errors import TaildiffError
+from pipeline.errors import ConfigError, TaildiffError
 
 log = logging.getLogger("taildiff.classify")
 LOOP = "pipeline.stages.s5_classify_loop:train_arm_job"
@@ -97,6 +97,10 @@ def run_classify(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArti
     from pipeline.stages.s5_classify_report import write_classify_table
 
     arms = plan_arms(cfg)
+    height, width = data.image_shape[:2]
+    if max(height, width) > cfg.classify.input_size:
+        raise ConfigError(f"classify.input_size={cfg.classify.input_size} is smaller than the images ({height}x{width}): "
+                          f"set classify.input_size to {max(height, width)} or more")
     counts = list(data.manifest["class_counts"])
     real = {"key": data.manifest["config_hash"], "real": counts, "synthetic": [0] * len(counts),
             "filtered_out": [0] * len(counts)}
@@ -179,8 +183,8 @@ def confidence_filter(weights: Path, images: np.ndarray, labels: np.ndarray, thr
     """Keep-mask: the real-data classifier's p(label | image) >= threshold. Shape (N,)."""
     from models.classify.training import predict
 
-    net = load_classifier(weights)
-    _, probs = predict(net, torch.from_numpy(images))
+    net, size = load_classifier(weights)
+    _, probs = predict(net, torch.from_numpy(images), size=size)
     return (probs[torch.arange(len(labels)), torch.from_numpy(labels)] >= threshold).numpy()
 
 

@@ -31,8 +31,10 @@ def epoch_schedule(c) -> EpochSchedule:
     return EpochSchedule.scaled(c.epochs, c.lr, c.warmup_epochs, c.decay_epochs, c.drw_epoch)
 
 
-def _evaluate(net, test: dict, num_classes: int, groups: dict, bf16: bool, device) -> dict:
-    pred, _ = predict(net, torch.from_numpy(test["image"]), bf16=bf16, device=device)
+def _evaluate(net, test: dict, num_classes: int, groups: dict, bf16: bool, device, size: int,
+              channels_last: bool) -> dict:
+    pred, _ = predict(net, torch.from_numpy(test["image"]), bf16=bf16, device=device, size=size,
+                      channels_last=channels_last)
     m = classification_metrics(test["label"], pred.numpy(), num_classes, groups)
     return {**m, "confusion": confusion(test["label"], pred.numpy(), num_classes).tolist()}
 
@@ -56,10 +58,9 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     num_classes, image_shape = job["num_classes"], tuple(job["image_shape"])
 
     net = build_classifier(recipe, num_classes, image_shape[2])
+    channels_last = job["use_gpu"] if c.channels_last is None else c.channels_last  # no gain on CPU (bench_classify)
     state = make_classifier_state(net, c.lr, c.momentum, c.weight_decay, derive_seed(seed, "classify", arm, rank),
-                                  device, fused=job["use_gpu"])
-    if job["use_gpu"]:
-        state.net = state.net.to(memory_format=torch.channels_last)
+                                  device, fused=job["use_gpu"], input_size=c.input_size, channels_last=channels_last)
     schedule = epoch_schedule(c)
     loss_fn = ClassifierLoss(get_recipe(recipe), job["train_counts"], schedule, la_tau=c.la_tau,
                              ldam_max_m=c.ldam_max_m, ldam_s=c.ldam_s, drw_beta=c.drw_beta)
@@ -107,7 +108,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
         last = state.epoch == c.epochs
         if rank == 0 and (state.epoch % c.eval_every == 0 or last):
             m = _evaluate(state.net.module if hasattr(state.net, "module") else state.net, test, num_classes, groups,
-                          c.bf16, device)
+                          c.bf16, device, c.input_size, channels_last)
             row.update({k: v for k, v in m.items() if k not in ("per_class_accuracy", "confusion")})
             if last:
                 final = m
@@ -125,7 +126,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
         return {}
     model = state.net.module if hasattr(state.net, "module") else state.net
     if final is None:  # finished before a resume: evaluate the restored weights
-        final = _evaluate(model, test, num_classes, groups, c.bf16, device)
+        final = _evaluate(model, test, num_classes, groups, c.bf16, device, c.input_size, channels_last)
     evaluated = [r for r in history if "accuracy" in r]
     best = max(evaluated, key=lambda r: r["accuracy"])
     result = {"last": final, "best_epoch": best["epoch"], "best_accuracy": best["accuracy"],
@@ -133,7 +134,8 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
               "train_images_per_epoch": int(np.sum(job["train_counts"])),
               "fit_seconds": round(time.perf_counter() - job_started, 2)}
     export = {"net": {k: v.contiguous() for k, v in model.state_dict().items()}, "recipe": recipe,
-              "num_classes": num_classes, "in_channels": image_shape[2], "epoch": state.epoch}
+              "num_classes": num_classes, "in_channels": image_shape[2], "epoch": state.epoch,
+              "input_size": c.input_size}
     torch.save(export, out_dir / "model.pt.tmp")
     os.replace(out_dir / "model.pt.tmp", out_dir / "model.pt")
     (out_dir / "final.json").write_text(json.dumps(result))
