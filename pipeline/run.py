@@ -70,36 +70,47 @@ def _run_stages(cfg: Config) -> dict:
     from pipeline.common.ray_setup import init_ray
     from pipeline.stages.s1_data import run_data
 
+    from pipeline.common.storage import sync_run
+
+    sync_run(cfg, "pull")  # shared storage: what another node finished (no-op without `storage`)
     write_run_config(cfg)  # before any work, so a failed run still says what it was
     check_run_inputs(cfg)  # the files it will read, before Ray starts
     init_ray()
     devices = resolve_devices(cfg)  # `use_gpu: true` without GPUs stops here, before any work is placed
     run_dir = write_run_config(cfg, devices)
-    outputs: dict = {"data": run_data(cfg), "devices": devices}
-    check_data_sizes(cfg, outputs["data"])
-    stages = set(cfg.stages)
-    needs_models = stages & {"train", "sample", "evaluate"} or ("classify" in stages and cfg.classify.synthetic != "none")
-    if needs_models:
-        from pipeline.stages.s2_train import run_train
+    try:
+        outputs: dict = {"data": run_data(cfg), "devices": devices}
+        check_data_sizes(cfg, outputs["data"])
+        sync_run(cfg, "push")
+        stages = set(cfg.stages)
+        needs_models = (stages & {"train", "sample", "evaluate"}
+                        or ("classify" in stages and cfg.classify.synthetic != "none"))
+        if needs_models:
+            from pipeline.stages.s2_train import run_train
 
-        outputs["train"] = run_train(cfg, outputs["data"])
-    if stages & {"sample", "evaluate"}:
-        from pipeline.stages.s3_sample import run_sample
+            outputs["train"] = run_train(cfg, outputs["data"])
+            sync_run(cfg, "push")
+        if stages & {"sample", "evaluate"}:
+            from pipeline.stages.s3_sample import run_sample
 
-        outputs["sample"] = run_sample(cfg, outputs["data"], outputs["train"])
-    if "evaluate" in stages:
-        from pipeline.stages.s4_evaluate import run_evaluate
+            outputs["sample"] = run_sample(cfg, outputs["data"], outputs["train"])
+            sync_run(cfg, "push")
+        if "evaluate" in stages:
+            from pipeline.stages.s4_evaluate import run_evaluate
 
-        outputs["evaluate"] = run_evaluate(cfg, outputs["data"], outputs["sample"])
-    if "classify" in stages:
-        from pipeline.stages.s5_classify import run_classify
+            outputs["evaluate"] = run_evaluate(cfg, outputs["data"], outputs["sample"])
+            sync_run(cfg, "push")
+        if "classify" in stages:
+            from pipeline.stages.s5_classify import run_classify
 
-        outputs["classify"] = run_classify(cfg, outputs["data"], outputs.get("train", {}))
-    if "report" in stages:
-        from pipeline.stages.s6_report import run_report
+            outputs["classify"] = run_classify(cfg, outputs["data"], outputs.get("train", {}))
+        if "report" in stages:
+            from pipeline.stages.s6_report import run_report
 
-        outputs["report"] = run_report(cfg, outputs)
-    write_summary(run_dir, outputs)
+            outputs["report"] = run_report(cfg, outputs)
+        write_summary(run_dir, outputs)
+    finally:
+        sync_run(cfg, "push")  # finished artifacts only: half-written ones have temporary names
     return outputs
 
 

@@ -1,6 +1,7 @@
-"""A worker node lost during diffusion training, on a simulated multi-node cluster
-(tests/fault_cluster.py in its own process). The driver-side faults (SIGKILL during training,
-Ctrl-C during the data stage) are in tests/test_cli.py's main-job test, which they share runs with."""
+"""Worker nodes lost during diffusion training, a classifier arm and sampling, on one simulated
+multi-node cluster (tests/fault_cluster.py in its own process). The driver-side faults (SIGKILL
+during training, Ctrl-C during the data stage) are in tests/test_cli.py's main-job test, which
+they share runs with."""
 import json
 import subprocess
 import sys
@@ -8,14 +9,25 @@ import sys
 from conftest import REPO
 
 
-def test_worker_node_lost_during_training_on_a_simulated_cluster(tmp_path):
-    """ray.cluster_utils.Cluster (head + two worker nodes): the node running the Ray Train worker is
-    killed after the first checkpoint; the run finishes on the surviving node from that checkpoint."""
+def test_worker_nodes_lost_mid_stage_on_a_simulated_cluster(tmp_path):
+    """ray.cluster_utils.Cluster (head + two worker nodes; a fresh node replaces each lost one):
+    the node running the stage's worker is killed mid-stage and the stage finishes on the others,
+    from the last checkpoint (train, classify) or by rerunning the lost batches (sample)."""
     res = subprocess.run([sys.executable, str(REPO / "tests" / "fault_cluster.py"), str(tmp_path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=500)
+                         capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    row = json.loads(res.stdout.strip().splitlines()[-1])
-    assert row["killed"] and row["final_step"] == row["steps"], row
-    assert row["steps_redone"] <= row["checkpoint_every"] and row["loss_steps_unique"], row
-    assert row["nodes_left"] == 2, row  # the head and the surviving worker
-    print("fault:", row)
+    rows = {row["case"]: row for row in map(json.loads, res.stdout.strip().splitlines()[-3:])}
+    train = rows["worker node lost during diffusion training"]
+    assert train["killed"] and train["final_step"] == train["steps"], train
+    assert train["steps_redone"] <= train["checkpoint_every"] and train["loss_steps_unique"], train
+    assert train["nodes_left"] == 2, train  # the head and the surviving worker
+
+    arm = rows["worker node lost during a classifier arm"]
+    assert arm["killed"] and arm["final_epoch"] == arm["epochs"] and arm["history_epochs_unique"], arm
+    assert arm["checkpoint_epoch"] >= 1, arm  # at most the epoch in flight was redone
+
+    sample = rows["sampling actor's node lost"]
+    assert sample["killed"] and sample["batches_before_kill"] >= 1, sample
+    assert sample["each_planned_image_once"] and sample["images"] == sample["planned"], sample
+    for row in rows.values():
+        print("fault:", row)

@@ -18,6 +18,7 @@ import torch
 
 from models.seeding import derive_seed
 from pipeline.common.artifacts import DatasetArtifact
+from pipeline.common.files import content_stamp
 from pipeline.common.shards import read_split
 from pipeline.config import Config, stable_hash
 from pipeline.errors import TaildiffError
@@ -55,7 +56,7 @@ class Extractor:
         except Exception as exc:  # a damaged or foreign weights file, or no network for the download
             raise TaildiffError(f"cannot load the {e.extractor} feature extractor ({type(exc).__name__}: {exc}); "
                                 "check evaluate.weights_path") from None
-        stamp = [str(weights), os.path.getsize(weights), os.path.getmtime(weights)] if weights else "download"
+        stamp = content_stamp(weights) if weights else "download"  # by content: the same key on any node
         self.key = f"{e.extractor}-{stable_hash(stamp)}"
 
     @torch.no_grad()

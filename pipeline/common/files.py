@@ -1,6 +1,8 @@
 """Writing files so that nothing is left half-written: temp path, then rename."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import uuid
@@ -49,3 +51,19 @@ def publish_dir(work: Path, final: Path) -> None:
         os.rename(final, old)
     os.rename(work, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def content_stamp(path: Path | str) -> str:
+    """sha256 (16 hex digits) of a file's bytes: the same on every node and after a copy, unlike
+    its path or mtime. Cached per (path, size, mtime) within a process."""
+    st = os.stat(path)
+    return _content_stamp(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _content_stamp(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]

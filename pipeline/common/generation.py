@@ -23,7 +23,7 @@ import numpy as np
 
 from models.seeding import derive_seed
 from pipeline.common.artifacts import DatasetArtifact, ModelArtifact, SampleArtifact
-from pipeline.common.files import write_json
+from pipeline.common.files import content_stamp, write_json
 from pipeline.config import Config, stable_hash
 
 log = logging.getLogger("taildiff.sample")
@@ -64,11 +64,18 @@ def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, devic
 class SamplerActor:
     """Holds one model; turns batches of plan rows into uint8 images."""
 
-    def __init__(self, weights: str, sample_cfg: dict, threads: int | None, use_gpu: bool):
+    def __init__(self, weights: str, sample_cfg: dict, threads: int | None, use_gpu: bool,
+                 storage: str | None = None, output_dir: str | None = None):
         import torch
 
-        from pipeline.common.artifacts import load_model, make_schedule
+        from pipeline.common.artifacts import load_model, make_schedule, model_extras
+        from pipeline.common.storage import Storage, ensure_local
 
+        shared = Storage.from_uri(storage) if storage else None  # an actor on a node without the files
+        weights = str(ensure_local(weights, shared, output_dir))
+        guidance = model_extras(Path(weights)).get("guidance") if shared else None
+        if guidance:
+            ensure_local(guidance["weights"], shared, output_dir)
         if threads:
             torch.set_num_threads(threads)
         self.cfg = dict(sample_cfg)
@@ -97,13 +104,26 @@ class SamplerActor:
         return {"image": images, "label": batch["label"], "k": batch["k"], "seed": batch["seed"]}
 
 
+def actor_threads(num_actors: int) -> int:
+    """torch threads per CPU sampling actor: a node's cores shared by the actors it will hold. From
+    the cluster's node sizes, not from the CPUs free at the moment (those depend on whether the
+    previous stage's workers have let go yet: a race that gave one thread instead of two)."""
+    import ray
+
+    sizes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    if not sizes:
+        return 1
+    per_node = -(-num_actors // len(sizes))  # actors spread over the nodes
+    return max(1, max(sizes) // per_node)
+
+
 def sample_key(sample_cfg, model: ModelArtifact, counts: list[int], seed: int) -> str:
     """What shapes a set: the sample section (minus placement), the counts, the model's weights."""
     s = dataclasses.asdict(sample_cfg)
     for name in ("batch_size", "num_actors", "use_gpu", "grid_per_class"):
         s.pop(name, None)
     return stable_hash({"sample": s, "counts": counts, "seed": seed, "model_step": model.metrics.get("step"),
-                        "model": str(model.weights), "model_mtime": os.path.getmtime(model.weights)})
+                        "model": content_stamp(model.weights)})  # by content: the same key on any node
 
 
 def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, counts: list[int], folder: str,
@@ -136,12 +156,12 @@ def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, count
     try:
         if total:
             ds = _plan_dataset(rows, s.batch_size)
-            free = max(1, int(ray.available_resources().get("CPU", 1)))
-            threads = None if use_gpu else max(1, free // s.num_actors)
+            threads = None if use_gpu else actor_threads(s.num_actors)
             images = ds.map_batches(
                 SamplerActor,
                 fn_constructor_kwargs={"weights": str(model.weights), "sample_cfg": dataclasses.asdict(s),
-                                       "threads": threads, "use_gpu": use_gpu},
+                                       "threads": threads, "use_gpu": use_gpu, "storage": cfg.storage,
+                                       "output_dir": str(Path(cfg.output_dir).resolve())},
                 compute=ray.data.ActorPoolStrategy(size=s.num_actors),
                 batch_size=s.batch_size,
                 num_gpus=1 if use_gpu else 0,

@@ -67,13 +67,19 @@ class Job:
     stream: Callable[[int], Any]
 
 
-def latest_progress(run_path: Path) -> dict | None:
-    """progress.json of the checkpoint Ray Train will resume from, if any (read by the driver)."""
-    snapshot = Path(run_path) / "checkpoint_manager_snapshot.json"
+def latest_progress(run_path: Path | str, fs=None) -> dict | None:
+    """progress.json of the checkpoint Ray Train will resume from, if any (read by the driver);
+    `fs`: the pyarrow filesystem `run_path` lives on (shared storage), else the local disk."""
+    def read(path: str) -> str:
+        if fs is None:
+            return Path(path).read_text()
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+
     try:
-        state = json.loads(snapshot.read_text())
+        state = json.loads(read(f"{run_path}/checkpoint_manager_snapshot.json"))
         name = state["latest_checkpoint_result"]["checkpoint_dir_name"]
-        return json.loads((Path(run_path) / name / "progress.json").read_text())
+        return json.loads(read(f"{run_path}/{name}/progress.json"))
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return None
 
@@ -158,8 +164,8 @@ def is_deterministic(exc: BaseException) -> bool:
     return any(name in text for name in DETERMINISTIC)
 
 
-def _checkpoint_note(run_path: Path) -> str:
-    progress = latest_progress(run_path)
+def _checkpoint_note(run_path: Path | str, fs=None) -> str:
+    progress = latest_progress(run_path, fs)
     if progress is None:
         return f"no checkpoint was written (Ray logs: {run_path})"
     where = f"step {progress['step']}" if "step" in progress else f"epoch {progress.get('epoch')}"
@@ -168,18 +174,25 @@ def _checkpoint_note(run_path: Path) -> str:
 
 def run_jobs(loop: str, jobs: list[Job], *, name: str, storage: Path, scaling: Scaling, keep: int = 1,
              max_failures: int = 1, callbacks: list | None = None, what: str = "training",
-             pending: Callable[[list[Job]], list[Job]] | None = None) -> dict:
+             pending: Callable[[list[Job]], list[Job]] | None = None, shared=None,
+             output_dir: Path | str | None = None) -> dict:
     """Train `jobs` in one TorchTrainer run `storage/name` (resuming its latest checkpoint).
     `pending(jobs)` re-filters the jobs before a retry (those that finished meanwhile drop out).
+    `shared` (a pipeline.common.storage.Storage): checkpoints go to the place of `storage`
+    (relative to `output_dir`) inside shared storage instead of the local disk.
     Returns {job name: the loop's return value on rank 0} of the last attempt."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipeline.common.storage import ray_storage
+
+    storage_path, fs = ray_storage(shared, output_dir, storage) if shared else (str(storage), None)
+    run_path = f"{storage_path}/{name}"
     jobs = list(jobs)
     for attempt in range(max_failures + 1):
         if not jobs:
             return {}
-        progress = latest_progress(storage / name)
+        progress = latest_progress(run_path, fs)
         start = {progress["job"]: progress.get("epoch", 0)} if progress and "job" in progress else {}
         if progress and progress.get("job") in {j.name for j in jobs}:
             where = f"step {progress['step']}" if "step" in progress else f"epoch {progress.get('epoch')}"
@@ -193,7 +206,7 @@ def run_jobs(loop: str, jobs: list[Job], *, name: str, storage: Path, scaling: S
             scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                    resources_per_worker={"CPU": scaling.cpus_per_worker}),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=str(storage),
+                name=name, storage_path=storage_path, storage_filesystem=fs,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
                 failure_config=ray.train.FailureConfig(max_failures=0), callbacks=callbacks),
             datasets=datasets,
@@ -208,7 +221,7 @@ def run_jobs(loop: str, jobs: list[Job], *, name: str, storage: Path, scaling: S
             return dict(result.return_value or {})
         line = worker_error_line(error)
         if is_deterministic(error) or attempt == max_failures:
-            raise TaildiffError(f"{what} failed: {line}; {_checkpoint_note(storage / name)}")
+            raise TaildiffError(f"{what} failed: {line}; {_checkpoint_note(run_path, fs)}")
         log.warning("%s: attempt %d failed (%s); resuming from the last checkpoint", what, attempt + 1, line)
         jobs = pending(jobs) if pending else jobs
     return {}

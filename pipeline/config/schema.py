@@ -178,6 +178,7 @@ class _ConfigBody:
 _CORE_FIELDS = [
     ("name", str, field(default="fmnist_lt")),
     ("output_dir", str, field(default="outputs")),
+    ("storage", Optional[str], field(default=None)),  # a URI holding the durable copy (pipeline/common/storage.py)
     ("seed", int, field(default=0)),
     ("stages", tuple, field(default=STAGES)),
     ("data", DataConfig, field(default_factory=DataConfig)),

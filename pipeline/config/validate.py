@@ -16,6 +16,8 @@ from pipeline.config.schema import SAMPLE_PLANS, STAGES
 from pipeline.errors import ConfigError
 from pipeline.sources import SOURCES
 
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file", "local", "mock")
+
 
 def validate(cfg) -> None:
     """Domain checks, each a one-line error that names the fix."""
@@ -51,6 +53,11 @@ def validate(cfg) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}: choose from {', '.join(STAGES)}")
+    if cfg.storage is not None:
+        scheme = cfg.storage.split("://", 1)[0] if "://" in cfg.storage else ""
+        if scheme not in STORAGE_SCHEMES:
+            raise ConfigError(f"storage={cfg.storage!r} is not a filesystem URI: give s3://bucket/prefix, "
+                              "gs://bucket/prefix, hdfs://host/path or file:///absolute/path (or leave it null)")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"run name {cfg.name!r} must be a non-empty folder name without '/'")
 

@@ -123,7 +123,10 @@ def init_weights_path(cfg: Config, method: str, check: bool = True) -> str | Non
 
 
 def _stamp(path: str | None):
-    return [path, os.path.getsize(path), os.path.getmtime(path)] if path else None
+    """The weights' content (the same on any node and after a copy), not their path or mtime."""
+    from pipeline.common.files import content_stamp
+
+    return content_stamp(path) if path else None
 
 
 def spec_resample(cfg: Config, spec: TrainSpec):
@@ -196,6 +199,8 @@ def _train_chunk(cfg: Config, data: DatasetArtifact, specs: list[TrainSpec],
     todo = [s for s in specs if s.name not in results]
     if not todo:
         return results
+    from pipeline.common.storage import storage_of
+
     use_gpu = resolve_use_gpu(cfg.train.use_gpu, cluster_gpus(), "train")
     keys = {s.name: run_key(cfg, data, s) for s in specs}
     storage = (cfg.run_dir / "train" / "ray").resolve()
@@ -206,6 +211,7 @@ def _train_chunk(cfg: Config, data: DatasetArtifact, specs: list[TrainSpec],
     hooks = tune_hooks or {}
     with (contextlib.nullcontext() if tune_hooks else stage_progress("train")):  # a Tune trial has no terminal
         run_jobs("pipeline.stages.s2_train_loop:train_job", pending, name=name, storage=storage,
+                 shared=storage_of(cfg), output_dir=cfg.output_dir,
                  scaling=Scaling(cfg.train.num_workers, use_gpu, cfg.train.cpus_per_worker),
                  keep=cfg.train.keep_checkpoints, max_failures=cfg.train.max_failures, callbacks=hooks.get("callbacks"),
                  what=f"training {', '.join(s.name for s in todo)}",
@@ -222,8 +228,11 @@ def work_dir(cfg: Config, spec: TrainSpec, key: str) -> Path:
 
 
 def _exported(cfg: Config, job_config: dict) -> bool:
-    """A job's artifact + final.json exist (written by its rank 0 when it ended)."""
-    out = Path(job_config["out_dir"])
+    """A job's artifact + final.json exist (written by its rank 0 when it ended; pulled from shared
+    storage when rank 0 ran on another node)."""
+    from pipeline.common.storage import pull_path, storage_of
+
+    out = pull_path(job_config["out_dir"], storage_of(cfg), job_config["output_dir"])
     return (out / "final.json").is_file() and (out / job_config["artifact"]).is_file()
 
 
@@ -247,7 +256,8 @@ def _job(cfg: Config, data: DatasetArtifact, spec: TrainSpec, key: str, use_gpu:
                     "weights": str((cfg.run_dir / "train" / f"{spec.name}-features" / "features.pt").resolve())}
     # run_dir absolute: a Ray Train worker runs in its own artifacts folder, where a relative
     # output_dir (the presets' "outputs") would put the TensorBoard logs
-    config = {"config": cfg.to_dict(), "run_dir": str(cfg.run_dir.resolve()), "method": spec.method,
+    config = {"config": cfg.to_dict(), "run_dir": str(cfg.run_dir.resolve()),
+              "output_dir": str(Path(cfg.output_dir).resolve()), "method": spec.method,
               "name": spec.name, "kind": spec.kind,
               "loop": LOOPS[spec.kind], "steps": spec.steps, "manifest": data.manifest, "out_dir": str(out),
               "artifact": _artifact_file(spec), "init_weights": weights_path(cfg, spec.init),
@@ -271,6 +281,9 @@ def _finish(cfg: Config, data: DatasetArtifact, spec: TrainSpec, key: str, ray_r
     from pipeline.common.files import publish_dir
 
     work, out = work_dir(cfg, spec, key), (cfg.run_dir / "train" / spec.name).resolve()
+    from pipeline.common.storage import pull_path, storage_of
+
+    pull_path(work, storage_of(cfg), cfg.output_dir)  # rank 0 may have run on another node
     try:
         metrics = json.loads((work / "final.json").read_text())
     except (OSError, json.JSONDecodeError):

@@ -25,6 +25,7 @@ from models.seeding import derive_seed
 from pipeline.common.artifacts import build_net, load_model, make_schedule
 from pipeline.common.launcher import DeterministicError, NonFiniteLossError, report_checkpoint
 from pipeline.common.progress import report_progress
+from pipeline.common.storage import ensure_local, pull_path, push_path, storage_of
 from pipeline.common.tracking import RunLogger
 from pipeline.config import config_from_dict
 
@@ -117,7 +118,9 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
 
     cfg = config_from_dict(job["config"])
     method, manifest = job["method"], job["manifest"]
-    out_dir = Path(job["out_dir"])
+    shared, output_dir = storage_of(cfg), job.get("output_dir", cfg.output_dir)
+    out_dir = pull_path(job["out_dir"], shared, output_dir)  # this job's loss.csv so far, on any node
+    out_dir.mkdir(parents=True, exist_ok=True)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads or max(1, round(cfg.train.cpus_per_worker)))
@@ -133,7 +136,7 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
     loss_fn = make_loss(method, cfg.method_options(), manifest["class_counts"], T=schedule.T)
     inputs = {}
     if job.get("source_weights"):  # a frozen source model the loss compares against (DiffRC)
-        source, _, _ = load_model(Path(job["source_weights"]), device)
+        source, _, _ = load_model(ensure_local(job["source_weights"], shared, output_dir), device)
         inputs["source"] = source
     run_config = {"run": cfg.to_dict(), "manifest": manifest, "method": method,
                   "conditional": job.get("conditional", True), "guidance": job.get("guidance")}
@@ -151,7 +154,7 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
         epoch, skip = progress["epoch"], progress["batches_in_epoch"]
         metrics = dict(progress.get("metrics", {}))
     elif job.get("init_weights"):  # fine-tuning: start from another model's EMA weights
-        weights = _load_init(job["init_weights"])
+        weights = _load_init(str(ensure_local(job["init_weights"], shared, output_dir)))
         state.net.load_state_dict(weights)
         state.ema.load_state_dict(weights)
     if world > 1:
@@ -239,6 +242,7 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
     if rank == 0:
         (out_dir / "final.json").write_text(json.dumps(final))
         _export(state, out_dir, run_config)
+        push_path(out_dir, shared, output_dir)  # the driver may be on another node
     return final
 
 
@@ -252,7 +256,10 @@ def train_features_job(job: dict, shard, checkpoint) -> dict:
 
     cfg = config_from_dict(job["config"])
     opts = getattr(cfg, job["section"])
-    manifest, out_dir = job["manifest"], Path(job["out_dir"])
+    manifest = job["manifest"]
+    shared, output_dir = storage_of(cfg), job.get("output_dir", cfg.output_dir)
+    out_dir = pull_path(job["out_dir"], shared, output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads or max(1, round(cfg.train.cpus_per_worker)))
@@ -314,4 +321,5 @@ def train_features_job(job: dict, shard, checkpoint) -> dict:
         torch.save(export, out_dir / "features.pt.tmp")
         os.replace(out_dir / "features.pt.tmp", out_dir / "features.pt")
         (out_dir / "final.json").write_text(json.dumps(final))
+        push_path(out_dir, shared, output_dir)
     return final

@@ -38,6 +38,7 @@ from pipeline.common.artifacts import (Arm, ClassifierArtifact, DatasetArtifact,
                                        load_samples)
 from pipeline.common.devices import cluster_gpus, resolve_use_gpu
 from pipeline.common.files import write_json
+from pipeline.common.storage import pull_path, storage_of
 from pipeline.common.launcher import MAX_JOBS_PER_FIT, Job, Scaling, chunked, run_jobs
 from pipeline.config import Config, ResampleConfig, stable_hash
 from pipeline.errors import ConfigError, TaildiffError
@@ -234,6 +235,7 @@ def _train_arm_chunk(cfg: Config, data: DatasetArtifact, arms: list[Arm], sets: 
     pending = [j for j in jobs if not _exported(j.config)]  # an arm that ended but was not published is not redone
     with stage_progress("classify"):
         run_jobs(LOOP, pending, name=name, storage=storage, scaling=Scaling(c.num_workers, use_gpu, c.cpus_per_worker),
+                 shared=storage_of(cfg), output_dir=cfg.output_dir,
                  keep=c.keep_checkpoints, max_failures=cfg.train.max_failures, what="classifier arms",
                  pending=lambda js: [j for j in js if not _exported(j.config)])
     for arm in todo:
@@ -242,7 +244,8 @@ def _train_arm_chunk(cfg: Config, data: DatasetArtifact, arms: list[Arm], sets: 
 
 
 def _exported(job_config: dict) -> bool:
-    out = Path(job_config["out_dir"])
+    """final.json + model.pt of an arm (pulled from shared storage when rank 0 ran elsewhere)."""
+    out = pull_path(job_config["out_dir"], storage_of(job_config["config"]), job_config["output_dir"])
     return (out / "final.json").is_file() and (out / "model.pt").is_file()
 
 
@@ -262,7 +265,8 @@ def _job(cfg: Config, data: DatasetArtifact, arm: Arm, key: str, training_set: t
     per_worker = c.batch_size // c.num_workers
     rcfg = ResampleConfig(mode=get_recipe(arm.recipe).resample, batch_size=per_worker)
     seed = derive_seed(cfg.seed, "classify-seed", arm.seed) if arm.seed else cfg.seed
-    config = {"config": cfg.to_dict(), "run_dir": str(cfg.run_dir.resolve()), "arm": arm.name, "recipe": arm.recipe,
+    config = {"config": cfg.to_dict(), "run_dir": str(cfg.run_dir.resolve()),
+              "output_dir": str(Path(cfg.output_dir).resolve()), "arm": arm.name, "recipe": arm.recipe,
               "seed": seed,
               "num_classes": data.num_classes, "image_shape": list(data.image_shape), "train_counts": train_counts,
               "test_dir": str(data.split_dir("test").resolve()), "out_dir": str(out), "use_gpu": use_gpu,
@@ -283,6 +287,9 @@ def _finish(cfg: Config, data: DatasetArtifact, arm: Arm, key: str, training_set
 
     set_dir, _, composition = training_set
     work, out = work_dir(cfg, arm, key), (cfg.run_dir / "classify" / arm.name).resolve()
+    from pipeline.common.storage import pull_path, storage_of
+
+    pull_path(work, storage_of(cfg), cfg.output_dir)  # rank 0 may have run on another node
     try:
         metrics = json.loads((work / "final.json").read_text())
     except (OSError, json.JSONDecodeError):

@@ -23,6 +23,7 @@ from models.seeding import derive_seed
 from pipeline.common.artifacts import build_classifier
 from pipeline.common.launcher import DeterministicError, NonFiniteLossError, report_checkpoint
 from pipeline.common.progress import report_progress
+from pipeline.common.storage import ensure_local, push_path, storage_of
 from pipeline.common.tracking import RunLogger
 from pipeline.config import config_from_dict
 
@@ -49,7 +50,9 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     cfg = config_from_dict(job["config"])
     c, arm, recipe = cfg.classify, job["arm"], job["recipe"]
     seed = job.get("seed", cfg.seed)
+    shared, output_dir = storage_of(cfg), job.get("output_dir", cfg.output_dir)
     out_dir = Path(job["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)  # on a node other than the driver's, too
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(c.torch_threads or max(1, round(c.cpus_per_worker)))
@@ -79,7 +82,8 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     if world > 1:
         state.net = ray.train.torch.prepare_model(state.net, move_to_device=False)
 
-    test = read_split(Path(job["test_dir"]), image_shape, num_classes) if rank == 0 else None
+    test = (read_split(ensure_local(job["test_dir"], shared, output_dir), image_shape, num_classes)
+            if rank == 0 else None)
     groups = job["groups"]
     per_worker = c.batch_size // world
     final = None
@@ -139,4 +143,5 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     torch.save(export, out_dir / "model.pt.tmp")
     os.replace(out_dir / "model.pt.tmp", out_dir / "model.pt")
     (out_dir / "final.json").write_text(json.dumps(result))
+    push_path(out_dir, shared, output_dir)  # the driver may be on another node
     return {"accuracy": final["accuracy"]}

@@ -104,12 +104,17 @@ def run_training_sweep(base: Config, space: SearchSpace, data: DatasetArtifact, 
         tune.with_parameters(trial_function, base=base.to_dict(), space=space.__dict__, data=data,
                              sweep_dir=str(sweep_dir), proxy=proxy),
         {"CPU": TRIAL_CPU})
+    from pipeline.common.storage import ray_storage, storage_of
+
+    # Tune's experiment state on shared storage when the run has one (the trials' checkpoints go
+    # there through their own run_train); the trial folders need an output_dir every node sees
+    tune_path, tune_fs = ray_storage(storage_of(base), base.output_dir, sweep_dir / "ray")
     tuner = tune.Tuner(
         trainable, param_space=tune_param_space(space),
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
                                     num_samples=num_samples or space.num_samples,
                                     max_concurrent_trials=concurrent, reuse_actors=False),
-        run_config=tune.RunConfig(name=space.name, storage_path=str((sweep_dir / "ray").resolve()), stop=stop,
+        run_config=tune.RunConfig(name=space.name, storage_path=tune_path, storage_filesystem=tune_fs, stop=stop,
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
     log.info("tune[%s]: %s trials at most %d at a time (%s)", space.name,
              (num_samples or space.num_samples), concurrent, "ASHA" if space.scheduler else "no early stopping")
