@@ -16,7 +16,9 @@ def test_worker_nodes_lost_mid_stage_on_a_simulated_cluster(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "tests" / "fault_cluster.py"), str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = {row["case"]: row for row in map(json.loads, res.stdout.strip().splitlines()[-3:])}
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith('{"case"')]  # Ray may print to stdout too
+    rows = {row["case"]: row for row in map(json.loads, lines)}
+    assert len(rows) == 3, res.stdout[-3000:]
     train = rows["worker node lost during diffusion training"]
     assert train["killed"] and train["final_step"] == train["steps"], train
     assert train["steps_redone"] <= train["checkpoint_every"] and train["loss_steps_unique"], train
