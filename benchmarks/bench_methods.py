@@ -106,7 +106,8 @@ def grad_norm(value: torch.Tensor, params) -> float:
 def grad_shares(net, x: torch.Tensor, y: torch.Tensor, counts, batches: int, batch_size: int, preset: dict) -> dict:
     """Median ‖∇ term‖ / ‖∇ DDPM term‖ per method over `batches` batches (fp32, labels dropped as in training)."""
     schedule = NoiseSchedule()
-    params = [p for p in net.parameters() if p.requires_grad]
+    net.requires_grad_(True)  # a trained checkpoint's EMA weights come frozen
+    params = list(net.parameters())
     out = {}
     for name in SHARE:
         method, opts = options_for(name, preset)
