@@ -135,10 +135,6 @@ class Storage:
                 out.write(chunk)
         os.replace(tmp, dst)
 
-    def read_text(self, rel: str | Path) -> str:
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read().decode()
-
 
 def _mtime(info) -> float:
     return info.mtime.timestamp() if info.mtime is not None else 0.0
