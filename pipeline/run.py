@@ -60,6 +60,7 @@ def run(cfg: Config) -> dict:
     from pipeline.common.files import writable_dir
     from pipeline.common.locking import run_lock
 
+    writable_dir(Path(cfg.output_dir) / "datasets", "output folder")  # both folders a run writes, before Ray
     with run_lock(writable_dir(cfg.run_dir, "run folder")):
         return _run_stages(cfg)
 

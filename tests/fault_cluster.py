@@ -12,6 +12,10 @@ then adds a fresh node so the next case again has two workers:
   sample    the sampling actor of the evaluation set, killed after the first batch arrived: Ray
             Data restarts the actor elsewhere and reruns its unfinished batches; every planned
             image (class, index, seed) is in the output exactly once.
+  tune      a one-trial training sweep, killed at the node hosting the trial's function (its
+            TorchTrainer's driver) after the trial's first checkpoint: Tune retries the trial
+            (train.max_failures), whose run resumes from that checkpoint; no placement group is
+            left behind.
 """
 from __future__ import annotations
 
@@ -45,9 +49,15 @@ class Faults:
     once `ready()` returns a dict (merged into the case's record), then adds a replacement node."""
 
     def __init__(self):
+        import socket
+
         from ray.cluster_utils import Cluster
 
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        with socket.socket() as sock:  # the dashboard's state API frees a dead Train run's placement group
+            sock.bind(("127.0.0.1", 0))
+            self.dashboard_port = sock.getsockname()[1]
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "include_dashboard": True, "dashboard_port": self.dashboard_port})
         self.workers = [self.cluster.add_node(num_cpus=2) for _ in range(2)]
         self.cluster.wait_for_nodes()
 
@@ -208,14 +218,66 @@ def sample_case(faults: Faults, out_dir: str) -> dict:
             "nodes_left": _alive(), "wall_s": round(seconds, 1)}
 
 
-CASES = {"train": train_case, "classify": classify_case, "sample": sample_case}
+def tune_case(faults: Faults, out_dir: str) -> dict:
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.tuning.cli import run_tune, sweep_dir
+    from pipeline.tuning.space import load_space
+
+    steps, every = 30, 10
+    base = load_config(REPO / "configs" / "digits_lt.yaml", [
+        f"output_dir={out_dir}/tune", f"train.steps={steps}", f"train.checkpoint_every={every}", "train.log_every=5",
+        "train.max_failures=1", "train.num_workers=1", "train.cpus_per_worker=0.5", "train.torch_threads=1",
+        "model.preset=small", "train.batch_size=32", "tracking.grid_per_class=0", "tracking.tensorboard=false"])
+    space_file = Path(out_dir) / "node_loss.yaml"
+    space_file.write_text("method: ddpm\nkind: train\nnum_samples: 1\nproxy: {images: 20, steps: 2, batch_size: 20}\n"
+                          "space:\n  train.p_uncond: {grid: [0.1]}\n")
+    space = load_space(space_file, base)
+    runs = sweep_dir(base, space.name) / "runs"
+
+    def ready():
+        done = [json.loads(p.read_text())["step"] for p in runs.glob("trial-*/train/ray/*/checkpoint_*/progress.json")]
+        if not done:
+            return None
+        logs = sorted(runs.glob("trial-*/train/.work/ddpm-*/loss.csv"))
+        return {"checkpoint": max(done), "logged_before_kill": max(
+            [int(x.split(",")[0]) for x in logs[0].read_text().splitlines()[1:] if x] if logs else [0])}
+
+    holder = faults.occupy_head()  # the trial's function lands on a worker node: the one killed
+    fault = faults.arm(ready, b"ray::ImplicitFunc")
+    started = time.perf_counter()
+    result = run_tune(base, space)
+    seconds = time.perf_counter() - started
+    fault["stop"] = True
+    ray.kill(holder)
+    deadline = time.time() + 30
+    while True:  # the GCS removes a dead owner's groups asynchronously
+        live = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not live or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    (row,) = result["rows"]
+    loss = [int(x.split(",")[0]) for x in (Path(row["run_dir"]) / "train" / "ddpm" / "loss.csv").read_text().splitlines()[1:] if x]
+    return {"case": "Tune trial's node lost", "killed": "killed_at" in fault, "status": row["status"],
+            "attempts": row["attempts"], "checkpoint": fault.get("checkpoint"),
+            "logged_before_kill": fault.get("logged_before_kill"), "final_step": row["step"], "steps": steps,
+            "checkpoint_every": every,
+            "steps_redone": max(0, (fault.get("logged_before_kill") or 0) - (fault.get("checkpoint") or 0)),
+            "loss_steps_unique": loss == sorted(set(loss)) and loss[-1] == steps, "fid": row["fid"],
+            "placement_groups_left": len(live), "nodes_left": _alive(), "wall_s": round(seconds, 1)}
+
+
+CASES = {"train": train_case, "classify": classify_case, "sample": sample_case, "tune": tune_case}
 
 
 def main(out_dir: str, cases: list[str]) -> int:
     import ray
 
     faults = Faults()
-    ray.init(address=faults.cluster.address, log_to_driver=False, configure_logging=False)
+    api = f"http://127.0.0.1:{faults.dashboard_port}"  # as pipeline/tuning/cli.py's local Ray
+    ray.init(address=faults.cluster.address, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         for name in cases:

@@ -205,3 +205,39 @@ def test_full_disk_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_bytes", full)
     with pytest.raises(DataError, match="No space left on device.*--set output_dir="):
         writable_dir(tmp_path / "x", "output folder")
+
+
+@pytest.mark.parametrize("read_only", ["output_dir", "datasets", "runs"])
+def test_read_only_output_folder_is_one_line_before_ray(tmp_path, capsys, read_only):
+    """A read-only output folder (or its datasets/ or runs/ part) stops the CLI with one line naming
+    the fix, before Ray starts, and nothing is written. Root ignores mode bits, so as root the call
+    runs with nobody's effective uid (the modules it needs are imported first: nobody cannot read
+    root's Python)."""
+    import pipeline.common.files  # noqa: F401  (imported lazily by run(); nobody could not read it)
+    import pipeline.common.locking  # noqa: F401
+    from pipeline.run import main
+
+    base = tmp_path / "shared"  # root-owned and open to all, as a shared scratch folder
+    base.mkdir()
+    out = base / "out"
+    out.mkdir()
+    for part in ("datasets", "runs"):
+        if part == read_only:
+            (out / part).mkdir()
+    for folder in (tmp_path, base, out):
+        folder.chmod(0o777)
+    (out if read_only == "output_dir" else out / read_only).chmod(0o555)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    as_root = os.geteuid() == 0
+    if as_root:
+        os.seteuid(65534)  # nobody; the real and saved uid stay 0, so this can be undone
+    try:
+        rc = main(["--config", str(REPO / "configs" / "digits_lt.yaml"), "--set", f"output_dir={out}",
+                   "--stages", "data"])
+    finally:
+        if as_root:
+            os.seteuid(0)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert "is not writable (Permission denied)" in err[0] and "--set output_dir=" in err[0], err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written

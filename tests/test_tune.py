@@ -177,3 +177,37 @@ def test_guidance_sweep_three_omegas_best_yaml_round_trips(tune_ray, tmp_path):
     assert again.skipped and again.weights == model.weights  # the trained model is reused, not retrained
     samples = run_sample(best, run_data(best), {"ddpm": again})["ddpm"]
     assert samples.num_images == 2 * 10
+
+
+def test_a_trial_with_a_deterministic_error_is_reported_not_retried(tmp_path, monkeypatch):
+    """A TaildiffError (bad input: retrying cannot help) ends the trial normally with error.json, so
+    Tune's retries (kept for lost nodes, tests/fault_cluster.py) do not rerun it; the table says why."""
+    from types import SimpleNamespace
+
+    import ray.tune.integration.ray_train as tune_train
+    from ray import tune
+
+    import pipeline.stages.s2_train as s2
+    from pipeline.errors import TaildiffError
+    from pipeline.tuning.train_sweep import collect_trials, trial_function
+
+    base = load_config(REPO / "configs" / "digits_lt.yaml", [f"output_dir={tmp_path}", *TINY])
+    space_file = tmp_path / "ddpm_tiny.yaml"
+    space_file.write_text("method: ddpm\nkind: train\nproxy: {images: 20, steps: 2, batch_size: 20}\n"
+                          "space:\n  train.p_uncond: {grid: [0.1]}\n")
+    space = load_space(space_file, base)
+    calls = []
+
+    def fails(cfg, data, tune_hooks=None):
+        calls.append(cfg.name)
+        raise TaildiffError("training failed: ValueError: a batch of 16 needs at least 16 training images")
+
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t0"))
+    monkeypatch.setattr(s2, "run_train", fails)
+    monkeypatch.setattr(tune_train, "TuneReportCallback", lambda: None)  # needs a live Tune session
+    (params,) = sample_points(space, 1, seed=0)
+    trial_function(params, base=base.to_dict(), space=space.__dict__, data=None, sweep_dir=str(tmp_path / "sw"),
+                   proxy={})  # returns: Tune sees a finished trial, not a failure to retry
+    (row,) = collect_trials(tmp_path / "sw", 4)
+    assert calls == ["trial-t0"] and row["status"] == "error" and row["attempts"] == 1, row
+    assert "needs at least 16 training images" in row["error"] and row["fid"] is None

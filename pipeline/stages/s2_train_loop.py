@@ -214,8 +214,8 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
                 sums, window, window_start, waited = {}, 0, time.perf_counter(), 0.0
                 if rank == 0:
                     report_progress(key, state.step, total, "step")
-                if not ckpt_now:
-                    ray.train.report(metrics)
+                if not ckpt_now and proxy is None:  # a Tune trial reports at its checkpoints only,
+                    ray.train.report(metrics)         # each with the FID its TuneConfig's metric needs
             if ckpt_now:
                 if proxy is not None:
                     metrics["fid"] = proxy(state.ema, state.step)

@@ -9,6 +9,13 @@ Layout under <output_dir>/tune/<sweep>/:
   ray/                              Tune's experiment storage
 Trials never share checkpoints: each has its own run name. The table is built from the trial
 folders, so a stopped trial's numbers are kept even though its function never returned.
+
+Failures. A trial whose actor or node is lost is retried by Tune up to `train.max_failures` times;
+the retry runs the same trial id, so its `run_train` resumes from the run's last Ray Train
+checkpoint (trial.json counts the attempts). A deterministic error (bad input, a config that
+cannot train: TaildiffError) is not retried: the trial writes error.json, ends, and is reported
+in the table with status `error`. Placement groups belong to the trial's TorchTrainer run, so
+they go with it (tests/fault_cluster.py checks none is left after a lost node).
 """
 from __future__ import annotations
 
@@ -72,10 +79,24 @@ def trial_function(params: dict, *, base: dict, space: dict, data: DatasetArtifa
     if len(cfg.train.methods) != 1:
         raise TaildiffError(f"a trial trains one method, got train.methods={list(cfg.train.methods)}")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "trial.json").write_text(json.dumps(
-        {"trial_id": trial_id, "params": params, "method": cfg.train.methods[0], "started": time.time()}))
-    art = run_train(cfg, data, tune_hooks={"proxy": proxy, "callbacks": [TuneReportCallback()]})[cfg.train.methods[0]]
-    (cfg.run_dir / "finished.json").write_text(json.dumps({**art.metrics, "finished": time.time()}))
+    info_path = cfg.run_dir / "trial.json"
+    earlier = json.loads(info_path.read_text()) if info_path.is_file() else {}  # a retry after a lost node
+    write_json(info_path, {"trial_id": trial_id, "params": params, "method": cfg.train.methods[0],
+                           "started": earlier.get("started", time.time()), "attempts": earlier.get("attempts", 0) + 1})
+    try:
+        art = run_train(cfg, data, tune_hooks={"proxy": proxy, "callbacks": [TuneReportCallback()]})[cfg.train.methods[0]]
+    except TaildiffError as exc:  # deterministic: reported, not retried by Tune
+        write_json(cfg.run_dir / "error.json", {"error": str(exc).strip().splitlines()[-1][:500], "ended": time.time()})
+        log.error("trial %s: %s", trial_id, exc)
+        return
+    write_json(cfg.run_dir / "finished.json", {**art.metrics, "finished": time.time()})
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Temp file then rename: a trial killed mid-write leaves the previous file whole."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
 
 
 def run_training_sweep(base: Config, space: SearchSpace, data: DatasetArtifact, sweep_dir: Path, proxy: dict,
@@ -115,12 +136,13 @@ def run_training_sweep(base: Config, space: SearchSpace, data: DatasetArtifact, 
                                     num_samples=num_samples or space.num_samples,
                                     max_concurrent_trials=concurrent, reuse_actors=False),
         run_config=tune.RunConfig(name=space.name, storage_path=tune_path, storage_filesystem=tune_fs, stop=stop,
-                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=base.train.max_failures)))
     log.info("tune[%s]: %s trials at most %d at a time (%s)", space.name,
              (num_samples or space.num_samples), concurrent, "ASHA" if space.scheduler else "no early stopping")
     grid = tuner.fit()
     errors = [str(r.error).strip().splitlines()[-1][:300] for r in grid if r.error is not None]
     rows = collect_trials(sweep_dir, steps)
+    errors += [r["error"] for r in rows if r["status"] == "error"]
     if errors:
         log.warning("tune[%s]: %d trial(s) failed; first: %s", space.name, len(errors), errors[0])
     if not any(r["fid"] is not None for r in rows):
@@ -143,11 +165,14 @@ def collect_trials(sweep_dir: Path, steps: int) -> list[dict]:
             with path.open() as f:
                 history = [(int(r["step"]), float(r["fid"]), float(r["time"])) for r in csv.DictReader(f)]
         finished = (folder / "finished.json").is_file()
+        failed = json.loads((folder / "error.json").read_text()) if (folder / "error.json").is_file() else None
         last = history[-1] if history else None
         ended = json.loads((folder / "finished.json").read_text())["finished"] if finished else (
-            last[2] if last else info["started"])
+            failed["ended"] if failed else last[2] if last else info["started"])
+        status = "finished" if finished or (last and last[0] >= steps) else "error" if failed else "stopped"
         rows.append({"trial_id": info["trial_id"], "method": info["method"], "params": info["params"],
-                     "status": "finished" if finished or (last and last[0] >= steps) else "stopped",
+                     "status": status, "error": failed["error"] if failed else None,
+                     "attempts": info.get("attempts", 1),
                      "step": last[0] if last else 0,
                      "fid": last[1] if last else None, "fid_history": [(s, v) for s, v, _ in history],
                      "seconds": round(ended - info["started"], 1), "run_dir": str(folder)})
