@@ -39,7 +39,9 @@ from models.methods.registry import default_options, make_loss  # noqa: E402
 
 COST = ["ddpm", "t2h", "h2t", "oc_full", "diffrop", "diffrop/exponential", "diffrop/hinge", "reweight", "cbdm",
         "cbdm/separate", "cbdm+diffrop", "t2h+cbdm"]
-SHARE = ["cbdm", "diffrop", "diffrop/exponential", "diffrop/hinge", "diffrop/neg_l2", "t2h"]
+SHARE = ["cbdm", "diffrop", "diffrop/exponential", "diffrop/hinge", "diffrop/neg_l2", "diffrop/tau0=10",
+         "diffrop/tau0=30", "diffrop/tau0=100", "t2h"]
+IMAGE_SIZE = 28  # the default preset's model.image_size (configs/fmnist_lt.yaml)
 
 
 def options_for(name: str, preset: dict | None = None) -> tuple[str, dict]:
@@ -50,8 +52,11 @@ def options_for(name: str, preset: dict | None = None) -> tuple[str, dict]:
         opts[section] = dataclasses.replace(opts[section], **fields)
     if variant == "separate":
         opts["cbdm"] = dataclasses.replace(opts["cbdm"], batched=False)
-    elif variant:
-        opts["diffrop"] = dataclasses.replace(opts["diffrop"], form=variant)
+    elif variant:  # DiffROP: a form and/or key=value fields, e.g. exponential or reciprocal,tau0=10
+        for item in variant.split(","):
+            key, eq, value = item.partition("=")
+            field = {key: float(value)} if eq else {"form": key}
+            opts["diffrop"] = dataclasses.replace(opts["diffrop"], **field)
     return method, opts
 
 
@@ -65,7 +70,7 @@ def load_lt(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]
     idx = select_long_tailed(labels, counts, seed=0)
     if n is not None:
         idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:n].numpy()]
-    x = to_model_space(torch.from_numpy(images[idx].copy())[..., None], 32)
+    x = to_model_space(torch.from_numpy(images[idx].copy())[..., None], IMAGE_SIZE)
     return x, torch.from_numpy(labels[idx]), counts
 
 
@@ -77,7 +82,7 @@ def bench_cost(args) -> None:
     for name in COST:
         method, opts = options_for(name)
         torch.manual_seed(0)
-        state = make_train_state(build_unet("small", in_channels=1, num_classes=10), hp, seed=0)
+        state = make_train_state(build_unet("small", in_channels=1, num_classes=10, dropout=0.0), hp, seed=0)
         runs[name] = (state, make_loss(method, opts, counts))
         for _ in range(2):  # warm-up
             train_step(state, x0, y, runs[name][1], schedule, hp)
@@ -137,15 +142,15 @@ def bench_grad_share(args) -> None:
     states = []
     if args.checkpoint:
         blob = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        net = build_unet("small", in_channels=1, num_classes=10)
+        net = build_unet("small", in_channels=1, num_classes=10, dropout=0.0)
         net.load_state_dict(blob["ema"])
         states.append((f"checkpoint step {blob['step']}", net))
     else:
         torch.manual_seed(0)
-        net = build_unet("small", in_channels=1, num_classes=10)
+        net = build_unet("small", in_channels=1, num_classes=10, dropout=0.0)
         states.append(("init", net))
         hp = TrainHParams(lr=1e-3, warmup_steps=100, ema_decay=0.999, ema_warmup=True, bf16=True)
-        trained = build_unet("small", in_channels=1, num_classes=10)
+        trained = build_unet("small", in_channels=1, num_classes=10, dropout=0.0)
         trained.load_state_dict(net.state_dict())
         state = make_train_state(trained, hp, seed=0)
         g = torch.Generator().manual_seed(1)
