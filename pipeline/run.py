@@ -57,10 +57,10 @@ def run(cfg: Config) -> dict:
     Each stage skips itself when its artifacts for this config exist. A later stage needs the
     earlier ones' artifacts, so asking for `sample` alone still makes sure data and train are done.
     """
-    from pipeline.common.files import writable_dir
+    from pipeline.common.files import check_writable, writable_dir
     from pipeline.common.locking import run_lock
 
-    writable_dir(Path(cfg.output_dir) / "datasets", "output folder")  # both folders a run writes, before Ray
+    check_writable(Path(cfg.output_dir) / "datasets", "output folder")  # both folders a run writes, before Ray
     with run_lock(writable_dir(cfg.run_dir, "run folder")):
         return _run_stages(cfg)
 

@@ -217,16 +217,20 @@ def test_read_only_output_folder_is_one_line_before_ray(tmp_path, capsys, read_o
     import pipeline.common.locking  # noqa: F401
     from pipeline.run import main
 
-    base = tmp_path / "shared"  # root-owned and open to all, as a shared scratch folder
-    base.mkdir()
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    # under /tmp itself: pytest's own tmp folders are 0700, which nobody could not even enter
+    base = Path(tempfile.mkdtemp(prefix="taildiff-ro-"))
     out = base / "out"
     out.mkdir()
     for part in ("datasets", "runs"):
         if part == read_only:
             (out / part).mkdir()
-    for folder in (tmp_path, base, out):
-        folder.chmod(0o777)
-    (out if read_only == "output_dir" else out / read_only).chmod(0o555)
+    for folder in (base, out):
+        folder.chmod(0o777)  # open to all, as a shared scratch folder ...
+    (out if read_only == "output_dir" else out / read_only).chmod(0o555)  # ... but this part read-only
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     as_root = os.geteuid() == 0
     if as_root:
@@ -237,7 +241,13 @@ def test_read_only_output_folder_is_one_line_before_ray(tmp_path, capsys, read_o
     finally:
         if as_root:
             os.seteuid(0)
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert rc == 2 and len(err) == 1, err
-    assert "is not writable (Permission denied)" in err[0] and "--set output_dir=" in err[0], err
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+    try:
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert rc == 2 and len(err) == 1, err
+        assert "is not writable (Permission denied)" in err[0] and "--set output_dir=" in err[0], err
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written
+    finally:
+        for folder in (out, out / "datasets", out / "runs"):
+            if folder.exists():
+                folder.chmod(0o755)
+        shutil.rmtree(base)

@@ -25,6 +25,25 @@ def writable_dir(path: Path, what: str) -> Path:
     return path
 
 
+def check_writable(path: Path, what: str) -> None:
+    """Prove that `path` can be written without creating it: probe it, or the nearest folder above
+    it that exists (where it would be created), or fail with the fix."""
+    path = Path(path)
+    folder = path
+    try:
+        while not folder.exists() and folder.parent != folder:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        probe = folder / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(
+            f"{what} {path} is not writable ({exc.strerror or exc}): pass --set output_dir=<a writable folder>"
+        ) from None
+
+
 def write_json(path: Path, obj, indent: int = 2) -> None:
     """JSON written to a temp file beside `path`, then renamed over it."""
     path = Path(path)
