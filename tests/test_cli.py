@@ -55,9 +55,10 @@ def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path):
 
 
 def test_main_job_runs_then_skips(tmp_path):
-    """The main job as a user meets it: a Ctrl-C during the data stage, the whole job with its driver
-    SIGKILLed after the first training checkpoint, the rerun that resumes it (the data stage that
-    the killed run built is reused), and a rerun that skips everything. Prints the fault-table rows (steps redone, wall time)."""
+    """The main job as a user meets it: a Ctrl-C during the data stage, a Ctrl-C during training (exit
+    130, one line), the rerun resuming from its checkpoint with its driver SIGKILLed after the next
+    one, the rerun that resumes that (the data stage the first run built is reused), and a rerun
+    that skips everything. Prints the fault-table rows (steps redone, wall time)."""
     base = ["--config", "configs/digits_lt.yaml", "--set", f"output_dir={tmp_path}"]
     run_dir, datasets = tmp_path / "runs" / "digits_lt", tmp_path / "datasets"
 
@@ -76,12 +77,20 @@ def test_main_job_runs_then_skips(tmp_path):
     job = [*base, "--stages", "data,train,sample,evaluate,report", "--set", "train.steps=30",
            "--set", "train.checkpoint_every=10"]
     started = time.perf_counter()
-    proc = start_cli(*job)  # builds the data stage, then is killed during training
+    proc = start_cli(*job)  # builds the data stage, then gets a Ctrl-C during training
     wait_for(lambda: checkpoint_steps(run_dir), proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # no clean-up at all; its Ray goes with its process group
-    out, _ = proc.communicate()
-    kept = max(checkpoint_steps(run_dir))
+    os.killpg(proc.pid, signal.SIGINT)  # Ray Train's own handler aborts the fit; the job still says how to go on
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted:"), err[-2000:]
     assert "label" in out  # the data stage's per-class table
+    first = max(checkpoint_steps(run_dir))
+    assert first < 30, first
+    print(f"fault: SIGINT during training after checkpoint {first} -> rc 130, one line")
+    proc = start_cli(*job)  # resumes from that checkpoint, then is killed outright after the next one
+    wait_for(lambda: max(checkpoint_steps(run_dir), default=0) > first, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # no clean-up at all; its Ray goes with its process group
+    proc.communicate()
+    kept = max(checkpoint_steps(run_dir))
     assert not [p for p in datasets.iterdir() if p.name.startswith(".tmp-")]  # the SIGINT build's temp is gone
     written = json.loads((run_dir / "config.json").read_text())
     assert written["output_dir"] == str(tmp_path) and written["stages"] == [s for s in STAGES if s != "classify"]

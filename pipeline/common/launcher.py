@@ -137,6 +137,26 @@ def report_checkpoint(job: str, files: dict[str, Callable[[Path], None]], progre
 # Driver side
 
 
+def fit_keeping_sigint(trainer):
+    """trainer.fit() with Ctrl-C kept as KeyboardInterrupt. On the main thread Ray Train installs
+    its own SIGINT handler for the fit: the first Ctrl-C aborts the run gracefully (its checkpoints
+    are kept) and then calls sys.exit, which ended the job with exit code 1 and no word of how to
+    continue. Here that exit becomes KeyboardInterrupt (run.py: one line, exit 130), and the
+    handler that was in place before the fit is put back."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except SystemExit:  # only Ray's SIGINT handler exits from inside fit()
+        raise KeyboardInterrupt from None
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
 def worker_error_line(exc: BaseException) -> str:
     """The worker's own exception, type and message (not Ray's wrapper's last line)."""
     failures = getattr(exc, "worker_failures", None) or {}
@@ -213,7 +233,7 @@ def run_jobs(loop: str, jobs: list[Job], *, name: str, storage: Path, scaling: S
             dataset_config=ray.train.DataConfig(datasets_to_split="all", execution_options=ingest),
         )
         try:
-            result = trainer.fit()
+            result = fit_keeping_sigint(trainer)
             error = result.error
         except ray.train.TrainingFailedError as exc:
             result, error = None, exc
