@@ -9,6 +9,7 @@ import time
 import pytest
 
 from conftest import REPO
+from pipeline.common.launcher import latest_progress
 from pipeline.config import STAGES
 
 
@@ -31,12 +32,14 @@ def wait_for(predicate, proc, timeout=240):
 
 
 def checkpoint_steps(run_dir):
+    """Steps of the checkpoints Ray Train has committed (its checkpoint_manager_snapshot.json names
+    them): a checkpoint folder can be on disk before it is committed, and a run killed in between
+    resumes from the one before it."""
     steps = []
-    for path in (run_dir / "train" / "ray").glob("*/checkpoint_*/progress.json"):
-        try:
-            steps.append(json.loads(path.read_text())["step"])
-        except (OSError, ValueError, KeyError):
-            pass  # being written
+    for snapshot in (run_dir / "train" / "ray").glob("*/checkpoint_manager_snapshot.json"):
+        progress = latest_progress(snapshot.parent)
+        if progress is not None:  # None while it is being written
+            steps.append(progress["step"])
     return steps
 
 
