@@ -33,6 +33,27 @@ def test_every_section_defaults_to_auto(make_config):
         make_config("fmnist_lt", "train.use_gpu=maybe")
 
 
+def test_bf16_auto_follows_the_cpus_bf16_kernels(make_config, monkeypatch):
+    """`bf16: auto` (every preset's default) asks torch whether this CPU has bf16 kernels: on an
+    AVX2-only CPU bf16 autocast is ~10x slower than fp32, so auto must say no there."""
+    import torch
+
+    from models.precision import native_bf16, resolve_bf16
+
+    cfg = make_config("fmnist_lt")
+    assert {cfg.train.bf16, cfg.sample.bf16, cfg.classify.bf16} == {"auto"}
+    assert resolve_bf16("auto", "cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) == native_bf16("cpu")
+    assert resolve_bf16(True, "cpu") is True and resolve_bf16(False, "cuda") is False  # explicit settings win
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # an AVX2-only CPU
+    assert resolve_bf16("auto", "cpu") is False
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # AVX512 / AMX
+    assert resolve_bf16("auto", torch.device("cpu")) is True
+    with pytest.raises(ConfigError, match="train.bf16='fast': use auto, true or false"):
+        make_config("fmnist_lt", "train.bf16=fast")
+    with pytest.raises(ValueError, match="use auto, true or false"):
+        resolve_bf16("fast", "cpu")
+
+
 def test_progress_lines_in_ci_every_ten_percent(caplog):
     caplog.set_level(logging.INFO, logger="taildiff.progress")
     renderer = _Renderer(live=False, every_percent=10)

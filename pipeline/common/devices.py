@@ -4,12 +4,18 @@ auto   GPUs when the cluster has any, else CPUs;
 true   GPUs, and a cluster without one stops with one line (before any work is placed);
 false  CPUs.
 The resolved choice (and the precision / memory format / optimiser it implies) is written into
-the run's config.json and the report, so a number always says where it was computed.
+the run's config.json and the report, so a number always says where it was computed. `bf16: auto`
+is resolved where the work runs (models/precision.py: bf16 only on a device with bf16 kernels;
+on an AVX2-only CPU bf16 autocast is ~10× slower than fp32); the record here is the driver's
+answer, which is the workers' on a cluster of one machine kind.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
+from models.precision import resolve_bf16
 from pipeline.errors import ConfigError
 
 
@@ -28,7 +34,7 @@ class DeviceChoice:
     """What a section runs with once its device is known."""
 
     use_gpu: bool
-    bf16: bool  # autocast in bfloat16 (CPUs: as configured; GPUs: on when the section asks for it)
+    bf16: bool  # autocast in bfloat16: the section's setting, `auto` resolved by models.precision.native_bf16
     channels_last: bool
     fused_optimizer: bool  # fused Adam / SGD kernels exist on CUDA only
 
@@ -56,7 +62,9 @@ def resolve_devices(cfg) -> dict:
     for section in ("train", "sample", "evaluate", "classify"):
         sec = getattr(cfg, section)
         gpu = resolve_use_gpu(sec.use_gpu, gpus, section)
-        bf16 = getattr(sec, "bf16", False)
+        bf16 = resolve_bf16(getattr(sec, "bf16", False), "cuda" if gpu and torch.cuda.is_available() else "cpu")
+        if gpu and not torch.cuda.is_available() and getattr(sec, "bf16", False) == "auto":
+            bf16 = True  # the driver has no GPU to ask; the workers resolve auto on theirs (Ampere+: bf16)
         channels = getattr(sec, "channels_last", None) if section in ("train", "classify") else None
         out[section] = device_choice(gpu, bf16, channels).as_dict()
     out["cluster_gpus"] = gpus

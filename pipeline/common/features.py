@@ -92,9 +92,12 @@ def domain_weights(cfg: Config, data: DatasetArtifact) -> Path:
     """Train the domain classifier on the balanced reference split once per dataset; cached."""
     from models.evaluation.features import save_domain_classifier, train_domain_classifier
 
+    from models.precision import resolve_bf16
+
     e = cfg.evaluate
+    bf16 = resolve_bf16(e.domain_bf16, "cpu")  # trained on the driver's CPU; the folder names the precision
     folder = (Path(cfg.output_dir) / "extractors" / data.path.name /
-              f"domain-e{e.domain_epochs}{'-bf16' if e.domain_bf16 else ''}")
+              f"domain-e{e.domain_epochs}{'-bf16' if bf16 else ''}")
     weights = folder / "domain.pt"
     if weights.is_file() and (folder / "domain.json").is_file():
         return weights
@@ -104,7 +107,7 @@ def domain_weights(cfg: Config, data: DatasetArtifact) -> Path:
     log.info("evaluate: training the domain feature extractor on %d balanced images", len(ref["label"]))
     net, acc, per_class = train_domain_classifier(to_t(ref["image"]), torch.from_numpy(ref["label"]),
                                                   to_t(test["image"]), torch.from_numpy(test["label"]),
-                                                  epochs=e.domain_epochs, seed=cfg.seed, bf16=e.domain_bf16)
+                                                  epochs=e.domain_epochs, seed=cfg.seed, bf16=bf16)
     folder.mkdir(parents=True, exist_ok=True)
     save_domain_classifier(net, folder / "domain.pt.tmp", test_accuracy=acc)
     os.replace(folder / "domain.pt.tmp", weights)
@@ -184,7 +187,10 @@ def generate_images(net, schedule, manifest: dict, size: int, labels, seeds, *, 
 
     H, W, C = manifest["image_shape"]
     if denoiser is None:
-        denoiser = CFGDenoiser(net, omega, net.null_label, autocast_dtype=torch.bfloat16 if bf16 else None)
+        from models.precision import resolve_bf16
+
+        denoiser = CFGDenoiser(net, omega, net.null_label,
+                               autocast_dtype=torch.bfloat16 if resolve_bf16(bf16, device) else None)
     out = []
     for start in range(0, len(labels), batch_size):
         noise = ImageNoise([int(s) for s in seeds[start:start + batch_size]], (C, size, size), device)

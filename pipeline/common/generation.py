@@ -48,7 +48,9 @@ def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, devic
     from pipeline.common.artifacts import model_extras
 
     extras = model_extras(weights)
-    dtype = torch.bfloat16 if bf16 else None
+    from models.precision import resolve_bf16
+
+    dtype = torch.bfloat16 if resolve_bf16(bf16, device) else None
     if extras["conditional"]:
         den = CFGDenoiser(net, omega, net.null_label, autocast_dtype=dtype)
     else:

@@ -41,7 +41,7 @@ class ProxyFID:
         images = generate_images(ema_net, self.schedule, self.manifest, self.size, self.labels, self.seeds,
                                  sampler=str(self.proxy.get("sampler", "ddim")), steps=int(self.proxy["steps"]),
                                  omega=float(self.proxy["omega"]), batch_size=int(self.proxy["batch_size"]),
-                                 bf16=bool(self.proxy.get("bf16", False)), device=device)
+                                 bf16=self.proxy.get("bf16", False), device=device)
         ema_net.train(was_training)
         fid = frechet_distance(extract(self.extractor, images), self.reference)
         new = not self.csv.is_file()

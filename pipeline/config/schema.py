@@ -81,7 +81,7 @@ class TrainConfig:
     ema_warmup: bool = True
     p_uncond: float = 0.1
     hflip: bool = False
-    bf16: bool = True
+    bf16: Union[bool, str] = "auto"  # auto: bf16 where the device has bf16 kernels (models/precision.py)
     channels_last: Optional[bool] = None  # None = per device (on for CUDA)
     num_workers: int = 1
     use_gpu: Union[bool, str] = "auto"  # auto: GPUs when the cluster has them | true (must have) | false
@@ -112,7 +112,7 @@ class SampleConfig:
     batch_size: int = 50
     num_actors: int = 1  # one per GPU (use_gpu) or CPU slot
     use_gpu: Union[bool, str] = "auto"
-    bf16: bool = True
+    bf16: Union[bool, str] = "auto"  # auto: as train.bf16
     grid_per_class: int = 10
 
 
@@ -123,7 +123,7 @@ class EvalConfig:
     extractor: str = "domain"  # domain (trained here on the balanced set) | inception (TF-ported weights)
     weights_path: Optional[str] = None  # inception: local weights (None = torch-fidelity's download)
     domain_epochs: int = 3
-    domain_bf16: bool = False  # autocast the domain classifier's training in bfloat16 (faster on AMX CPUs)
+    domain_bf16: Union[bool, str] = False  # autocast its training in bfloat16 (auto: where the CPU has bf16 kernels)
     kid_subset_size: int = 1000
     prc_neighborhood: int = 5  # k of improved precision/recall (Kynkäänniemi et al.)
     prd_runs: int = 10

@@ -115,6 +115,10 @@ def _validate_model_train_sample(cfg) -> None:
     for section in ("train", "sample", "evaluate", "classify"):
         if getattr(cfg, section).use_gpu not in (True, False, "auto"):
             raise ConfigError(f"{section}.use_gpu={getattr(cfg, section).use_gpu!r}: use auto, true or false")
+        if getattr(getattr(cfg, section), "bf16", False) not in (True, False, "auto"):
+            raise ConfigError(f"{section}.bf16={getattr(cfg, section).bf16!r}: use auto, true or false")
+    if cfg.evaluate.domain_bf16 not in (True, False, "auto"):
+        raise ConfigError(f"evaluate.domain_bf16={cfg.evaluate.domain_bf16!r}: use auto, true or false")
     if s.batch_size < 1 or s.num_actors < 1 or s.per_class < 0 or s.omega < 0:
         raise ConfigError("sample.batch_size and sample.num_actors must be positive, per_class and omega >= 0")
     if t.finetune_lr is not None and t.finetune_lr <= 0:

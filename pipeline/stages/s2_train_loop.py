@@ -32,12 +32,13 @@ from pipeline.config import config_from_dict
 
 def train_hparams(cfg, use_gpu: bool, total_steps: int = 0):
     from models.diffusion.training import TrainHParams
+    from models.precision import resolve_bf16
 
     t = cfg.train
     channels_last = use_gpu if t.channels_last is None else t.channels_last
     return TrainHParams(lr=t.lr, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
                         ema_warmup=t.ema_warmup, p_uncond=t.p_uncond, cond_drop=cfg.model.cond_drop,
-                        bf16=t.bf16, channels_last=channels_last, lr_schedule=t.lr_schedule,
+                        bf16=resolve_bf16(t.bf16, "cuda" if use_gpu else "cpu"), channels_last=channels_last, lr_schedule=t.lr_schedule,
                         decay_fraction=t.decay_fraction, total_steps=total_steps)
 
 

@@ -19,6 +19,7 @@ import torch
 from models.classify.lt_losses import ClassifierLoss, EpochSchedule, get_recipe
 from models.classify.metrics import classification_metrics, confusion
 from models.classify.training import classifier_step, make_classifier_state, predict, set_lr
+from models.precision import resolve_bf16
 from models.seeding import derive_seed
 from pipeline.common.artifacts import build_classifier
 from pipeline.common.launcher import DeterministicError, NonFiniteLossError, report_checkpoint
@@ -58,6 +59,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     torch.set_num_threads(c.torch_threads or max(1, round(c.cpus_per_worker)))
     torch.manual_seed(derive_seed(seed, "classify-torch", arm, rank))
     device = ray.train.torch.get_device()
+    bf16 = resolve_bf16(c.bf16, device)  # auto: on this worker's device (models/precision.py)
     num_classes, image_shape = job["num_classes"], tuple(job["image_shape"])
 
     net = build_classifier(recipe, num_classes, image_shape[2])
@@ -99,7 +101,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
         for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, prefetch_batches=2):
             images = batch["image"].to(device, non_blocking=True)  # (b, H, W, C) uint8
             y = batch["label"].to(device, non_blocking=True)
-            total += classifier_step(state, images, y, loss_fn, epoch, c.augment, c.bf16)
+            total += classifier_step(state, images, y, loss_fn, epoch, c.augment, bf16)
             batches += 1
         if batches == 0:
             raise DeterministicError(f"an epoch of the training set holds no full batch of {per_worker} rows: "
@@ -112,7 +114,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
         last = state.epoch == c.epochs
         if rank == 0 and (state.epoch % c.eval_every == 0 or last):
             m = _evaluate(state.net.module if hasattr(state.net, "module") else state.net, test, num_classes, groups,
-                          c.bf16, device, c.input_size, channels_last)
+                          bf16, device, c.input_size, channels_last)
             row.update({k: v for k, v in m.items() if k not in ("per_class_accuracy", "confusion")})
             if last:
                 final = m
@@ -130,7 +132,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
         return {}
     model = state.net.module if hasattr(state.net, "module") else state.net
     if final is None:  # finished before a resume: evaluate the restored weights
-        final = _evaluate(model, test, num_classes, groups, c.bf16, device, c.input_size, channels_last)
+        final = _evaluate(model, test, num_classes, groups, bf16, device, c.input_size, channels_last)
     evaluated = [r for r in history if "accuracy" in r]
     best = max(evaluated, key=lambda r: r["accuracy"])
     result = {"last": final, "best_epoch": best["epoch"], "best_accuracy": best["accuracy"],
