@@ -2,6 +2,7 @@
 `--grad-share` how strong each method's own term is.
 
 Cost: the same batch (Fashion-MNIST-LT images, batch 64), the default `small` UNet, bf16 autocast
+where this CPU has bf16 kernels (the preset's `bf16: auto`, models/precision.py), else fp32,
 and the same `models.diffusion.training.train_step` the Ray Train workers use. Methods are timed
 in interleaved rounds (every round times every method once) and the median per-step time is
 reported, so a slow patch of the machine hits all methods alike.
@@ -36,9 +37,10 @@ from models.diffusion.training import TrainHParams, drop_labels, make_train_stat
 from models.diffusion.unet import build_unet  # noqa: E402
 from models.methods.base import ddpm_loss  # noqa: E402
 from models.methods.registry import default_options, make_loss  # noqa: E402
+from models.precision import resolve_bf16  # noqa: E402
 
 COST = ["ddpm", "t2h", "h2t", "oc_full", "diffrop", "diffrop/exponential", "diffrop/hinge", "reweight", "cbdm",
-        "cbdm/separate", "cbdm+diffrop", "t2h+cbdm"]
+        "cbdm/separate", "cbdm+diffrop", "t2h+cbdm", "diffrc", "diffrc_cfg"]
 SHARE = ["cbdm", "diffrop", "diffrop/exponential", "diffrop/hinge", "diffrop/neg_l2", "diffrop/tau0=10",
          "diffrop/tau0=30", "diffrop/tau0=100", "t2h"]
 IMAGE_SIZE = 28  # the default preset's model.image_size (configs/fmnist_lt.yaml)
@@ -76,27 +78,31 @@ def load_lt(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]
 
 def bench_cost(args) -> None:
     x0, y, counts = load_lt(args.batch_size)
-    hp = TrainHParams(lr=1e-3, warmup_steps=100, ema_decay=0.999, bf16=True)
+    hp = TrainHParams(lr=1e-3, warmup_steps=100, ema_decay=0.999, bf16=resolve_bf16("auto", "cpu"))
     schedule = NoiseSchedule()
     runs = {}
     for name in COST:
         method, opts = options_for(name)
         torch.manual_seed(0)
         state = make_train_state(build_unet("small", in_channels=1, num_classes=10, dropout=0.0), hp, seed=0)
-        runs[name] = (state, make_loss(method, opts, counts))
+        inputs = {}
+        if method.startswith("diffrc"):  # the frozen head-class source model its pair loss compares against
+            source = build_unet("small", in_channels=1, num_classes=10, dropout=0.0).eval().requires_grad_(False)
+            inputs["source"] = source
+        runs[name] = (state, make_loss(method, opts, counts), inputs)
         for _ in range(2):  # warm-up
-            train_step(state, x0, y, runs[name][1], schedule, hp)
+            train_step(state, x0, y, runs[name][1], schedule, hp, **inputs)
     times = {name: [] for name in COST}
     for _ in range(args.rounds):
         for name in COST:
-            state, loss_fn = runs[name]
+            state, loss_fn, inputs = runs[name]
             start = time.perf_counter()
             for _ in range(args.steps):
-                out = train_step(state, x0, y, loss_fn, schedule, hp)
+                out = train_step(state, x0, y, loss_fn, schedule, hp, **inputs)
             out["loss"].item()
             times[name].append((time.perf_counter() - start) / args.steps)
     base = statistics.median(times["ddpm"])
-    print(f"per-step time, batch {args.batch_size}, small UNet, bf16, {args.threads} threads, "
+    print(f"per-step time, batch {args.batch_size}, small UNet, {'bf16' if hp.bf16 else 'fp32'}, {args.threads} threads, "
           f"median of {args.rounds} interleaved rounds of {args.steps} steps")
     for name in COST:
         med = statistics.median(times[name])
@@ -149,7 +155,8 @@ def bench_grad_share(args) -> None:
         torch.manual_seed(0)
         net = build_unet("small", in_channels=1, num_classes=10, dropout=0.0)
         states.append(("init", net))
-        hp = TrainHParams(lr=1e-3, warmup_steps=100, ema_decay=0.999, ema_warmup=True, bf16=True)
+        hp = TrainHParams(lr=1e-3, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
+                          bf16=resolve_bf16("auto", "cpu"))
         trained = build_unet("small", in_channels=1, num_classes=10, dropout=0.0)
         trained.load_state_dict(net.state_dict())
         state = make_train_state(trained, hp, seed=0)
