@@ -114,13 +114,14 @@ def grad_norm(value: torch.Tensor, params) -> float:
     return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
 
 
-def grad_shares(net, x: torch.Tensor, y: torch.Tensor, counts, batches: int, batch_size: int, preset: dict) -> dict:
+def grad_shares(net, x: torch.Tensor, y: torch.Tensor, counts, batches: int, batch_size: int, preset: dict,
+                names=SHARE) -> dict:
     """Median ‖∇ term‖ / ‖∇ DDPM term‖ per method over `batches` batches (fp32, labels dropped as in training)."""
     schedule = NoiseSchedule()
     net.requires_grad_(True)  # a trained checkpoint's EMA weights come frozen
     params = list(net.parameters())
     out = {}
-    for name in SHARE:
+    for name in names:
         method, opts = options_for(name, preset)
         loss = make_loss(method, opts, counts)
         values = []
@@ -167,7 +168,7 @@ def bench_grad_share(args) -> None:
         states.append((f"after {args.train_steps} DDPM steps (EMA)", state.ema))
     for label, net in states:
         net = net.float().train()
-        shares = grad_shares(net, x, y, counts, args.batches, 64, preset)
+        shares = grad_shares(net, x, y, counts, args.batches, 64, preset, args.methods.split(","))
         print(f"# {label}: median over {args.batches} batches of 64; t2h = moved fraction")
         for name, value in shares.items():
             print(f"grad_share {name} {value:.4g}")
@@ -183,6 +184,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--train-steps", type=int, default=500)
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--methods", default=",".join(SHARE),
+                        help="comma-separated grad-share entries (default: all of SHARE)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.grad_share:
