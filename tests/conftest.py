@@ -17,8 +17,10 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             object_store_memory=1_000_000_000)
+    from pipeline.common.ray_setup import start_local_ray
+
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                    object_store_memory=1_000_000_000)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -80,3 +80,33 @@ def test_worker_errors_keep_their_own_message():
     assert not is_deterministic(Wrapped(RuntimeError("The actor died unexpectedly before finishing this task")))
     trace = "Traceback (most recent call last):\n  File x\n    raise NonFiniteLossError(f'...')\nNonFiniteLossError: loss nan"
     assert worker_error_line(RuntimeError(trace)) == "NonFiniteLossError: loss nan"
+
+
+def test_a_local_ray_start_that_times_out_is_retried(monkeypatch, caplog):
+    """Ray gives its raylet a fixed 30 s to register; on a busy 2-core machine that sometimes is not
+    enough. The start is retried (after shutting the half-started node down); other errors are not."""
+    import ray
+
+    from pipeline.common import ray_setup
+
+    calls, shutdowns = [], []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    caplog.set_level(logging.WARNING, logger="taildiff.ray")
+    ray_setup.start_local_ray(num_cpus=2)
+    assert len(calls) == 2 and len(shutdowns) == 1 and calls[1] == {"address": "local", "log_to_driver": False,
+                                                                     "num_cpus": 2}
+    assert "starting it again (attempt 2 of 3)" in caplog.text
+
+    def broken(**kwargs):
+        raise ValueError("bad argument")
+
+    monkeypatch.setattr(ray, "init", broken)
+    with pytest.raises(ValueError, match="bad argument"):
+        ray_setup.start_local_ray()

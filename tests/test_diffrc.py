@@ -150,3 +150,33 @@ def test_guidance_gradient_is_normalised_and_raises_p_y_given_x():
     wrapped = ClassifierGuidance(lambda a, b, c: torch.zeros_like(a), grad_fn, 1.0, SCHEDULE.alpha_bar)
     shift = wrapped(x, t, y) / -(1 - SCHEDULE.alpha_bar[300]).sqrt()
     assert torch.allclose(shift.flatten(1).pow(2).mean(1), torch.ones(6), atol=1e-4)  # ∇̂: unit RMS per image
+
+
+def test_pcg_is_the_ddpm_loss_plus_the_guidance_and_plans_its_feature_network(make_config, tmp_path):
+    """`pcg` ("DDPM + guidance alone", DiffRC's ablation baseline): exactly the DDPM loss, the
+    prototype guidance with DiffRC's knobs, no source model; the train stage plans its feature
+    network (and no source) whether it trains from scratch or is fine-tuned."""
+    from pipeline.common.artifacts import DatasetArtifact
+    from pipeline.stages.s2_train import plan_specs
+
+    opts = {**default_options(), "diffrc": DiffRCOptions(guidance_scale=0.4, feature_steps=7)}
+    torch.manual_seed(0)
+    net, x0, y = StubNet(), torch.randn(6, 1, 4, 4), torch.tensor([0, 0, 1, 1, 2, 3])
+    t, noise = torch.randint(0, 1000, (6,)), torch.randn(6, 1, 4, 4)
+    pcg = make_loss("pcg", opts, [40, 20, 5, 3])(net, x0, y, SCHEDULE, t=t, noise=noise)
+    ddpm = make_loss("ddpm", opts, [40, 20, 5, 3])(net, x0, y, SCHEDULE, t=t, noise=noise)
+    assert torch.equal(pcg["loss"], ddpm["loss"])
+    needs = method_needs("pcg", opts)
+    assert (needs.guidance, needs.guidance_steps, needs.guidance_scale) == ("prototype", 7, 0.4)
+    assert not needs.source_model and needs.conditional and needs.resample is None
+    assert method_needs("cbdm+pcg", opts).guidance == "prototype"
+    with pytest.raises(ValueError, match="two source models or two guidances"):
+        method_needs("diffrc+pcg", opts)
+    data = DatasetArtifact(tmp_path, {"class_names": list("abcd"), "class_counts": [40, 20, 5, 3],
+                                      "image_shape": [8, 8, 1]}, False)
+    scratch = plan_specs(make_config("digits_lt", "train.methods=[pcg]", "diffrc.feature_steps=7"), data)
+    assert [[(s.name, s.kind, s.steps) for s in w] for w in scratch] == [[("pcg-features", "features", 7),
+                                                                            ("pcg", "diffusion", scratch[0][1].steps)]]
+    tuned = plan_specs(make_config("digits_lt", "train.methods=[ddpm,pcg]", "train.init_from=ddpm"), data)
+    assert [[s.name for s in w] for w in tuned] == [["ddpm", "pcg-features"], ["pcg"]]
+    assert tuned[1][0].init == "ddpm" and tuned[1][0].source is None

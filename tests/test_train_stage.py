@@ -16,7 +16,7 @@ from pipeline.errors import TaildiffError
 from pipeline.stages.s3_sample import plan_counts, run_sample
 from pipeline.common.shards import column_to_numpy
 from pipeline.common.launcher import latest_progress
-from pipeline.common.artifacts import load_model, make_schedule
+from pipeline.common.artifacts import load_model, make_schedule, model_extras
 from pipeline.stages.s2_train import run_train
 
 TINY = ["model.image_size=8", "train.batch_size=16", "train.num_workers=2", "train.cpus_per_worker=0.5",
@@ -126,12 +126,25 @@ def test_non_finite_loss_stops_with_a_clear_error(ray_session, tmp_path):
 def test_composed_methods_and_fine_tuning_through_ray_train(ray_session, tmp_path):
     cfg = load_config(REPO / "configs" / "digits_lt.yaml", [
         f"output_dir={tmp_path}", *TINY, "train.num_workers=1", "train.steps=3", "train.log_every=1",
-        "train.methods=[ddpm,cbdm+diffrop,t2h]", "train.init_from=ddpm", "diffrop.group_size=4",
-        "oc.batch_resample=true", "oc.cutoff=800"])
+        "train.methods=[ddpm,cbdm+diffrop,t2h,diffrc,pcg]", "train.init_from=ddpm", "diffrop.group_size=4",
+        "oc.batch_resample=true", "oc.cutoff=800", "diffrc.source_steps=3", "diffrc.feature_steps=3"])
     data = run_data(cfg)
     models = run_train(cfg, data)
-    for method in ("ddpm", "cbdm+diffrop", "t2h"):
+    for method in ("ddpm", "cbdm+diffrop", "t2h", "diffrc", "pcg"):
         assert models[method].metrics["step"] == 3
+    # DiffRC: its head-class source model and feature network trained first, the target from the
+    # source; pcg (DDPM + the guidance alone): a feature network, fine-tuned from the DDPM, no source
+    train_dir = cfg.run_dir / "train"
+    assert {"diffrc-source", "diffrc-features", "pcg-features"} <= {p.name for p in train_dir.iterdir()}
+    assert not (train_dir / "pcg-source").exists()
+    assert json.loads((models["diffrc"].path / "manifest.json").read_text())["init_from"].endswith("diffrc-source/model.pt")
+    assert json.loads((models["pcg"].path / "manifest.json").read_text())["init_from"].endswith("ddpm/model.pt")
+    assert "diffrc_pair" in (models["diffrc"].path / "loss.csv").read_text().splitlines()[0].split(",")
+    for method in ("diffrc", "pcg"):
+        guidance = model_extras(models[method].weights)["guidance"]
+        assert guidance["kind"] == "prototype" and guidance["weights"].endswith(f"{method}-features/features.pt")
+    guided = run_sample(cfg, data, {m: models[m] for m in ("diffrc", "pcg")})  # through the guided denoiser
+    assert {m: a.num_images for m, a in guided.items()} == {"diffrc": 2 * data.num_classes, "pcg": 2 * data.num_classes}
     header = (models["cbdm+diffrop"].path / "loss.csv").read_text().splitlines()[0].split(",")
     assert {"cbdm_reg", "cbdm_commit", "diffrop", "mse"} <= set(header)
     t2h = models["t2h"].path

@@ -225,6 +225,16 @@ DIFFRC_CFG = Method(
     build=lambda opts, ctx: DiffRCPiece(opts, ctx, conditional=True), needs=lambda opts: _needs(opts, True),
     source_classes=head_classes, extra_cost=lambda opts: 1 / 3)
 
+PCG = Method(
+    name="pcg", section="diffrc", options=DiffRCOptions,
+    summary="DiffRC's prototype-contrastive guidance alone (Eq. 11–13) on the method's own training: `pcg` is "
+            "DDPM + guidance (no source model, no pair loss), `cbdm+pcg` CBDM + guidance",
+    paper="DiffRC §3.3, Eq. 11–13 (the guidance without §3.2's pair loss: its ablation baseline)",
+    build=lambda opts, ctx: None,  # the DDPM loss: pcg adds no training term
+    needs=lambda opts: Needs(guidance="prototype", guidance_steps=(opts or DiffRCOptions()).feature_steps,
+                             guidance_scale=(opts or DiffRCOptions()).guidance_scale),
+    extra_cost=lambda opts: 0.0)  # nothing per diffusion step; its feature network is its own short job
+
 
 def load_prototype_guidance(path, device="cpu"):
     """grad_fn of a features.pt written by the train stage's feature job (weights_only load)."""

@@ -11,14 +11,14 @@ from models.methods.base import BuildContext, Method, Needs
 from models.methods.cbdm import CBDM
 from models.methods.compose import DiffusionLoss
 from models.methods.ddpm import DDPM
-from models.methods.diffrc import DIFFRC, DIFFRC_CFG, load_prototype_guidance
+from models.methods.diffrc import DIFFRC, DIFFRC_CFG, PCG, load_prototype_guidance
 from models.methods.diffrop import DIFFROP
 from models.methods.oc import H2T, OC_FULL, T2H
 from models.methods.resample import RS, RS_SQRT
 from models.methods.reweight import REWEIGHT
 
-METHODS: dict[str, Method] = {m.name: m for m in (DDPM, CBDM, T2H, H2T, OC_FULL, DIFFROP, DIFFRC, DIFFRC_CFG, REWEIGHT,
-                                                   RS, RS_SQRT)}
+METHODS: dict[str, Method] = {m.name: m for m in (DDPM, CBDM, T2H, H2T, OC_FULL, DIFFROP, DIFFRC, DIFFRC_CFG, PCG,
+                                                   REWEIGHT, RS, RS_SQRT)}
 
 # Needs.guidance name -> loader(path, device) of its grad_fn(x_t, t, y) (the direction raising p(y | x_t))
 GUIDANCES = {"prototype": load_prototype_guidance}

@@ -31,6 +31,28 @@ def quiet_ray_logs() -> None:
             logger.addFilter(_DropExpected())
 
 
+STARTUP_TIMEOUT = "timed out during startup"
+
+
+def start_local_ray(attempts: int = 3, **options) -> None:
+    """ray.init(address="local") that survives a busy machine: Ray gives its raylet a fixed 30 s
+    to register (ray/_private/node.py) and, on 2 cores shared with other work, it sometimes needs
+    longer; the start is retried from scratch (the half-started node is shut down first)."""
+    import ray
+
+    log = logging.getLogger("taildiff.ray")
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**{"address": "local", "log_to_driver": False, **options})
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if STARTUP_TIMEOUT not in str(exc) or attempt == attempts:
+                raise
+            log.warning("Ray's node did not start within Ray's 30 s (a busy machine); starting it again "
+                        "(attempt %d of %d)", attempt + 1, attempts)
+            ray.shutdown()
+
+
 def init_ray(**local_options) -> None:
     """Join the cluster of RAY_ADDRESS (also set inside `ray job submit`), else start a local Ray
     (never a stray `ray start` cluster) with `local_options` for ray.init."""
@@ -40,7 +62,7 @@ def init_ray(**local_options) -> None:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address="auto", log_to_driver=False)
         else:
-            ray.init(**{"address": "local", **local_options}, log_to_driver=False)
+            start_local_ray(**local_options)
     # Stage progress is drawn by pipeline/common/progress.py; Ray Data's own bars are not.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -93,11 +93,14 @@ def plan_specs(cfg: Config, data: DatasetArtifact) -> list[list[TrainSpec]]:
             source = f"{method}-source"
             first.append(TrainSpec(source, "ddpm", needs.source_steps or cfg.train.steps, classes=seen,
                                    conditional=needs.conditional, section=part.section))
-            if needs.guidance:
-                first.append(TrainSpec(f"{method}-features", method, needs.guidance_steps, kind="features",
-                                       section=part.section))
-            second.append(TrainSpec(method, method, method_steps(cfg, method), init=source, source=source,
-                                    conditional=needs.conditional))
+        if needs.guidance:  # its feature network trains on the LT set, independently of the diffusion model
+            options = cfg.method_options()
+            guided = next(m for m in method_parts(method) if m.needs(options.get(m.section)).guidance)
+            first.append(TrainSpec(f"{method}-features", method, needs.guidance_steps, kind="features",
+                                   section=guided.section))
+        if needs.source_model:
+            second.append(TrainSpec(method, method, method_steps(cfg, method), init=f"{method}-source",
+                                    source=f"{method}-source", conditional=needs.conditional))
         elif is_finetuned(cfg, method):
             second.append(TrainSpec(method, method, method_steps(cfg, method), init=cfg.train.init_from))
         else:
