@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.precision import resolve_bf16
 from models.seeding import derive_seed
 from pipeline.common.artifacts import DatasetArtifact
 from pipeline.common.files import content_stamp
@@ -91,8 +92,6 @@ def check_plain_weights(path: Path) -> None:
 def domain_weights(cfg: Config, data: DatasetArtifact) -> Path:
     """Train the domain classifier on the balanced reference split once per dataset; cached."""
     from models.evaluation.features import save_domain_classifier, train_domain_classifier
-
-    from models.precision import resolve_bf16
 
     e = cfg.evaluate
     bf16 = resolve_bf16(e.domain_bf16, "cpu")  # trained on the driver's CPU; the folder names the precision
@@ -187,8 +186,6 @@ def generate_images(net, schedule, manifest: dict, size: int, labels, seeds, *, 
 
     H, W, C = manifest["image_shape"]
     if denoiser is None:
-        from models.precision import resolve_bf16
-
         denoiser = CFGDenoiser(net, omega, net.null_label,
                                autocast_dtype=torch.bfloat16 if resolve_bf16(bf16, device) else None)
     out = []

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.precision import resolve_bf16
 from models.seeding import derive_seed
 from pipeline.common.artifacts import DatasetArtifact, ModelArtifact, SampleArtifact
 from pipeline.common.files import content_stamp, write_json
@@ -48,8 +49,6 @@ def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, devic
     from pipeline.common.artifacts import model_extras
 
     extras = model_extras(weights)
-    from models.precision import resolve_bf16
-
     dtype = torch.bfloat16 if resolve_bf16(bf16, device) else None
     if extras["conditional"]:
         den = CFGDenoiser(net, omega, net.null_label, autocast_dtype=dtype)

@@ -10,6 +10,7 @@ from models.data.resampling import MODES
 from models.diffusion.samplers import SAMPLERS
 from models.diffusion.schedule import SCHEDULES
 from models.diffusion.unet import COND_DROP_MODES, PRESETS as MODEL_PRESETS
+from models.precision import BF16_SETTINGS
 from models.methods.registry import METHODS, validate_method
 from pipeline.config.classify import validate_classify
 from pipeline.config.schema import SAMPLE_PLANS, STAGES
@@ -115,9 +116,9 @@ def _validate_model_train_sample(cfg) -> None:
     for section in ("train", "sample", "evaluate", "classify"):
         if getattr(cfg, section).use_gpu not in (True, False, "auto"):
             raise ConfigError(f"{section}.use_gpu={getattr(cfg, section).use_gpu!r}: use auto, true or false")
-        if getattr(getattr(cfg, section), "bf16", False) not in (True, False, "auto"):
+        if getattr(getattr(cfg, section), "bf16", False) not in BF16_SETTINGS:
             raise ConfigError(f"{section}.bf16={getattr(cfg, section).bf16!r}: use auto, true or false")
-    if cfg.evaluate.domain_bf16 not in (True, False, "auto"):
+    if cfg.evaluate.domain_bf16 not in BF16_SETTINGS:
         raise ConfigError(f"evaluate.domain_bf16={cfg.evaluate.domain_bf16!r}: use auto, true or false")
     if s.batch_size < 1 or s.num_actors < 1 or s.per_class < 0 or s.omega < 0:
         raise ConfigError("sample.batch_size and sample.num_actors must be positive, per_class and omega >= 0")
