@@ -99,8 +99,9 @@ def plan_specs(cfg: Config, data: DatasetArtifact) -> list[list[TrainSpec]]:
             first.append(TrainSpec(f"{method}-features", method, needs.guidance_steps, kind="features",
                                    section=guided.section))
         if needs.source_model:
-            second.append(TrainSpec(method, method, method_steps(cfg, method), init=f"{method}-source",
-                                    source=f"{method}-source", conditional=needs.conditional))
+            source = f"{method}-source"
+            second.append(TrainSpec(method, method, method_steps(cfg, method), init=source, source=source,
+                                    conditional=needs.conditional))
         elif is_finetuned(cfg, method):
             second.append(TrainSpec(method, method, method_steps(cfg, method), init=cfg.train.init_from))
         else:

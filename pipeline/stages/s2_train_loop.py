@@ -38,8 +38,8 @@ def train_hparams(cfg, use_gpu: bool, total_steps: int = 0):
     channels_last = use_gpu if t.channels_last is None else t.channels_last
     return TrainHParams(lr=t.lr, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip, ema_decay=t.ema_decay,
                         ema_warmup=t.ema_warmup, p_uncond=t.p_uncond, cond_drop=cfg.model.cond_drop,
-                        bf16=resolve_bf16(t.bf16, "cuda" if use_gpu else "cpu"), channels_last=channels_last, lr_schedule=t.lr_schedule,
-                        decay_fraction=t.decay_fraction, total_steps=total_steps)
+                        bf16=resolve_bf16(t.bf16, "cuda" if use_gpu else "cpu"), channels_last=channels_last,
+                        lr_schedule=t.lr_schedule, decay_fraction=t.decay_fraction, total_steps=total_steps)
 
 
 class LossLog:
