@@ -124,7 +124,8 @@ def classify_table(run_dirs: list[Path], arm_baseline: str) -> list[str]:
 def compare(run_dirs: list[Path], baseline: str | None = None, arm_baseline: str = "ce", replicates: int = 200,
             seed: int = 0) -> str:
     sets, ref = load_sets(run_dirs)
-    base = baseline or next(iter(sets))
+    # default: the DDPM (of the first run that has one), the baseline every long-tail method is judged against
+    base = baseline or next((n for n in sets if n.split(":")[-1] == "ddpm"), next(iter(sets)))
     if base not in sets:
         matches = [n for n in sets if n.split(":")[-1] == base]
         if not matches:
@@ -137,7 +138,7 @@ def compare(run_dirs: list[Path], baseline: str | None = None, arm_baseline: str
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="pipeline/run.py compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (outputs/runs/<name>)")
-    parser.add_argument("--baseline", default=None, help="the method to compare against (default: the first)")
+    parser.add_argument("--baseline", default=None, help="the method to compare against (default: ddpm where evaluated, else the first)")
     parser.add_argument("--arm-baseline", default="ce", help="the classifier arm to compare against")
     parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--out", default=None, help="also write the table to this file")

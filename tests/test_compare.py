@@ -1,0 +1,65 @@
+"""`run.py compare`: the paired table over the evaluate stage's files, its default baseline, and its
+refusal of runs that were not evaluated."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import TaildiffError
+from pipeline.stages.s4_evaluate import save_reference_stats
+from pipeline.tools.compare import compare
+
+C, PER_CLASS, DIM = 6, 30, 8
+COUNTS = [600, 300, 150, 60, 30, 10]  # few = the two last classes
+
+
+def _gaussian_set(rng, shift: float, labels: np.ndarray) -> np.ndarray:
+    centres = np.eye(C, DIM) * 3.0
+    return centres[labels] + shift + rng.normal(size=(len(labels), DIM))
+
+
+def _write_run(tmp_path, name: str, methods: dict[str, float], seed_offset: int = 0):
+    rng = np.random.default_rng(0)
+    ref_labels = np.repeat(np.arange(C), 200)
+    run = tmp_path / name
+    (run / "evaluation").mkdir(parents=True)
+    save_reference_stats({"reference_feats": _gaussian_set(rng, 0.0, ref_labels), "reference_labels": ref_labels},
+                         COUNTS, run / "evaluation" / "reference_stats.npz")
+    labels = np.tile(np.arange(C), PER_CLASS)
+    k = np.repeat(np.arange(PER_CLASS), C)
+    for method, shift in methods.items():
+        folder = run / "evaluation" / method
+        folder.mkdir()
+        feats = _gaussian_set(np.random.default_rng(len(method)), shift, labels)
+        logits = np.eye(C)[labels] * (1.0 if shift < 1 else 0.0)  # a shifted set "fails" fidelity (argmax 0)
+        order = np.random.default_rng(1).permutation(len(labels))  # files need not be in key order
+        np.savez(folder / "features.npz", feats=feats[order], logits=logits[order], label=labels[order],
+                 k=k[order], seed=(1000 + seed_offset + np.arange(len(labels)))[order])
+    return run
+
+
+def test_default_baseline_is_ddpm_and_a_large_shift_is_a_real_difference(tmp_path):
+    run = _write_run(tmp_path, "r", {"cbdm": 2.0, "ddpm": 0.0})  # cbdm sorts first
+    text = compare([run])
+    assert "Paired against **ddpm**" in text
+    cbdm = next(line for line in text.splitlines() if line.startswith("| cbdm |"))
+    cells = [c.strip() for c in cbdm.strip("|").split("|")]
+    assert cells[2].startswith("+") and cells[2].endswith("*")  # ΔFID > 0 with an interval excluding 0
+    assert cells[6].startswith("-") and cells[6].endswith("*")  # fidelity lost
+
+
+def test_runs_with_other_seeds_are_not_paired_and_baseline_can_be_named(tmp_path):
+    a = _write_run(tmp_path, "a", {"ddpm": 0.0})
+    b = _write_run(tmp_path, "b", {"cbdm": 0.0}, seed_offset=7)
+    text = compare([a, b], baseline="cbdm")
+    assert "Paired against **b:cbdm**" in text
+    assert "not paired (other seeds)" in next(line for line in text.splitlines() if line.startswith("| a:ddpm |"))
+
+
+def test_an_unevaluated_run_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TaildiffError, match="run its evaluate stage first"):
+        compare([tmp_path / "empty"])
+    run = _write_run(tmp_path, "r", {"ddpm": 0.0})
+    with pytest.raises(TaildiffError, match="not an evaluated method"):
+        compare([run], baseline="t2h")
