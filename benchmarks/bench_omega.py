@@ -7,7 +7,11 @@ count (DiffROP's convention); class fidelity is the domain classifier's rate of 
 requested class, with a Wilson interval. The sampler and steps are the checkpoint run's.
 
     python benchmarks/bench_omega.py --checkpoint outputs/runs/ftref/train/cbdm/model.pt \
-        [--checkpoint outputs/runs/ftref/train/ddpm/model.pt] [--omegas 0,1,2,3] [--images 500]
+        [--checkpoint outputs/runs/ftref/train/ddpm/model.pt] [--omegas 0,1,2,3] [--images 500] [--gap]
+
+`--gap` also prints each model's conditioning gap ‖ε(x_t, y) − ε(x_t, ∅)‖ / ‖ε(x_t, ∅)‖ per class
+group on real test images: CFG moves ε̂ by (1 + ω) times it, so a method that shrinks it (CBDM at
+τ = 1) needs a larger ω for the same class signal. `--omegas ""` prints the gap alone.
 """
 from __future__ import annotations
 
@@ -24,6 +28,32 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
+@torch.no_grad()
+def conditioning_gap(net, schedule, data, cfg, per_class: int = 20) -> dict:
+    """Median relative gap between the conditional and the null-label prediction, per class group."""
+    from models.data.images import to_model_space
+    from models.evaluation.metrics import class_groups
+    from pipeline.common.shards import read_split
+
+    test = read_split(data.split_dir("test"), data.image_shape, data.num_classes)
+    groups = class_groups(data.manifest["class_counts"], "thirds")
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, classes in groups.items():
+        idx = np.concatenate([np.flatnonzero(test["label"] == c)[:per_class] for c in classes])
+        x0 = to_model_space(torch.as_tensor(test["image"][idx]), cfg.model.image_size)
+        y = torch.as_tensor(test["label"][idx])
+        ratios = []
+        for t_value in (100, 300, 500, 700, 900):
+            t = torch.full((len(idx),), t_value, dtype=torch.long)
+            noise = torch.randn(x0.shape, generator=g)
+            x_t = schedule.q_sample(x0, t, noise)
+            cond, uncond = net(x_t, t, y).float(), net(x_t, t, torch.full_like(y, net.null_label)).float()
+            ratios.append(((cond - uncond).flatten(1).norm(dim=1) / uncond.flatten(1).norm(dim=1)).numpy())
+        out[name] = float(np.median(np.concatenate(ratios)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", action="append", required=True, help="a model.pt (repeatable)")
@@ -31,6 +61,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gap", action="store_true",
+                        help="also print the conditioning gap ‖ε(x_t, y) − ε(x_t, ∅)‖ / ‖ε(x_t, ∅)‖ per group on real test images")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -41,8 +73,8 @@ def main() -> None:
     from pipeline.common.artifacts import load_dataset, load_model, make_schedule
     from pipeline.common.features import Extractor, balanced_plan, generate_images, real_features
 
-    omegas = [float(w) for w in args.omegas.split(",")]
-    rows, extractor = [], None
+    omegas = [float(w) for w in args.omegas.split(",")] if args.omegas else []
+    rows, gaps, extractor = [], [], None
     for checkpoint in map(Path, args.checkpoint):
         net, cfg, manifest = load_model(checkpoint)
         if extractor is None:  # one dataset, extractor and reference for every checkpoint
@@ -55,6 +87,8 @@ def main() -> None:
             ref_few = real["reference_feats"][np.isin(real["reference_labels"], few)]
             labels, seeds = balanced_plan(C, args.images, cfg.seed, "bench-omega")
         schedule = make_schedule(cfg)
+        if args.gap:
+            gaps.append((checkpoint, conditioning_gap(net, schedule, data, cfg)))
         for omega in omegas:
             started = time.perf_counter()
             images = generate_images(net, schedule, manifest, cfg.model.image_size, labels, seeds,
@@ -73,6 +107,16 @@ def main() -> None:
                          "seconds": round(seconds, 1)})
             print(f"{checkpoint} ω={omega:g}: FID {fid:.2f} [{lo:.2f}, {hi:.2f}], few {rows[-1]['few_fid']:.2f}, "
                   f"fidelity {100 * fidelity['all']['rate']:.1f}%, {seconds:.0f} s", flush=True)
+    if gaps:
+        print("\nconditioning gap ‖ε(x_t, y) − ε(x_t, ∅)‖ / ‖ε(x_t, ∅)‖, median over 20 real test images per class "
+              "and t in {100, 300, 500, 700, 900} (shared noise); CFG at ω moves ε̂ by ω times this")
+        print("| checkpoint | many | medium | few |")
+        print("|---|---|---|---|")
+        for checkpoint, g in gaps:
+            print(f"| {checkpoint.parent.parent.parent.name}/{checkpoint.parent.name} | "
+                  + " | ".join(f"{g[k]:.4f}" for k in ("many", "medium", "few")) + " |")
+    if not rows:
+        return
     print(f"\nω sweep: {args.images} images per setting (same labels and seeds everywhere), "
           f"sampler {cfg.sample.sampler} {cfg.sample.steps} steps, domain features, few = classes {few}")
     print("| checkpoint | ω | FID [95% CI] | few-group FID | class fidelity [95% CI] | few-group fidelity |")
