@@ -69,7 +69,8 @@ def main() -> None:
 
     from models.evaluation.artefacts import class_fidelity
     from models.evaluation.intervals import fid_interval, frechet_from_stats, gaussian_stats
-    from models.evaluation.metrics import class_groups, frechet_distance
+    from models.evaluation.metrics import class_groups
+    from models.evaluation.summary import group_fids
     from pipeline.common.artifacts import load_dataset, load_model, make_schedule
     from pipeline.common.features import Extractor, balanced_plan, generate_images, real_features
 
@@ -84,7 +85,6 @@ def main() -> None:
             ref_stats = gaussian_stats(real["reference_feats"])
             C = len(manifest["class_names"])
             few = class_groups(data.manifest["class_counts"], "thirds")["few"]
-            ref_few = real["reference_feats"][np.isin(real["reference_labels"], few)]
             labels, seeds = balanced_plan(C, args.images, cfg.seed, "bench-omega")
         schedule = make_schedule(cfg)
         if args.gap:
@@ -101,7 +101,8 @@ def main() -> None:
             fidelity = class_fidelity(logits.argmax(1), labels, C)
             tail = np.isin(labels, few)
             rows.append({"checkpoint": str(checkpoint), "omega": omega, "fid": fid, "low": lo, "high": hi,
-                         "few_fid": frechet_distance(feats[tail], ref_few),
+                         "few_fid": group_fids(feats, labels, real["reference_feats"], real["reference_labels"],
+                                               data.manifest["class_counts"])["few"],
                          "fidelity": fidelity["all"], "few_fidelity": float((logits.argmax(1) == labels)[tail].mean()),
                          "per_class_fidelity": [p["rate"] for p in fidelity["per_class"]],
                          "seconds": round(seconds, 1)})
