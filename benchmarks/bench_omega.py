@@ -10,7 +10,7 @@ requested class, with a Wilson interval. The sampler and steps are the checkpoin
         [--checkpoint outputs/runs/ftref/train/ddpm/model.pt] [--omegas 0,1,2,3] [--images 500] [--gap]
 
 `--gap` also prints each model's conditioning gap ‖ε(x_t, y) − ε(x_t, ∅)‖ / ‖ε(x_t, ∅)‖ per class
-group on real test images: CFG moves ε̂ by (1 + ω) times it, so a method that shrinks it (CBDM at
+group on real test images: CFG puts ε̂ = (1 + ω)·ε(x_t, y) − ω·ε(x_t, ∅) at (1 + ω) times it from ε(x_t, ∅), so a method that shrinks it (CBDM at
 τ = 1) needs a larger ω for the same class signal. `--omegas ""` prints the gap alone.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main() -> None:
                   f"fidelity {100 * fidelity['all']['rate']:.1f}%, {seconds:.0f} s", flush=True)
     if gaps:
         print("\nconditioning gap ‖ε(x_t, y) − ε(x_t, ∅)‖ / ‖ε(x_t, ∅)‖, median over 20 real test images per class "
-              "and t in {100, 300, 500, 700, 900} (shared noise); CFG at ω moves ε̂ by ω times this")
+              "and t in {100, 300, 500, 700, 900} (shared noise); CFG at ω puts ε̂ (1 + ω) times this from the null prediction")
         print("| checkpoint | many | medium | few |")
         print("|---|---|---|---|")
         for checkpoint, g in gaps:
