@@ -63,3 +63,19 @@ def test_an_unevaluated_run_is_a_one_line_error(tmp_path):
     run = _write_run(tmp_path, "r", {"ddpm": 0.0})
     with pytest.raises(TaildiffError, match="not an evaluated method"):
         compare([run], baseline="t2h")
+
+
+def test_diversity_column_is_paired_and_a_collapsed_set_is_less_diverse(tmp_path):
+    run = _write_run(tmp_path, "r", {"ddpm": 0.0, "narrow": 0.0})
+    path = run / "evaluation" / "narrow" / "features.npz"
+    blob = dict(np.load(path))
+    centres = np.eye(C, DIM) * 3.0
+    blob["feats"] = centres[blob["label"]] + 0.2 * (blob["feats"] - centres[blob["label"]])  # 5× less spread
+    np.savez(path, **blob)
+    text = compare([run])
+    assert "| diversity few | Δ diversity few |" in text
+    narrow = next(line for line in text.splitlines() if line.startswith("| narrow |"))
+    cells = [c.strip() for c in narrow.strip("|").split("|")]
+    assert float(cells[7]) < 1.5 and cells[8].startswith("-") and cells[8].endswith("*")
+    ddpm = next(line for line in text.splitlines() if line.startswith("| ddpm |"))
+    assert float([c.strip() for c in ddpm.strip("|").split("|")][7]) == pytest.approx(4.0, rel=0.2)  # √(2·8)

@@ -40,8 +40,13 @@ def test_evaluation_writes_metrics_table_and_plots(tiny_run):
     assert m["extractor"]["extractor"] == "domain" and m["extractor"]["test_accuracy"] > 0.8
     assert len(m["per_class_fid"]) == 10 and m["per_class_samples"] == [6] * 10
     assert 0.0 <= m["memorization"]["all"] <= 1.0 and m["fid"] > 0
+    div = m["diversity"]  # within-class mean pairwise feature distance, generated and real
+    assert len(div["per_class"]) == 10 and all(v > 0 for v in div["per_class"] + div["real_per_class"])
+    assert div["few"] > 0 and div["real_few"] > 0
+    if cfg.evaluate.bootstrap:
+        assert div["few_interval"][0] <= div["few_interval"][1]
     table = (cfg.run_dir / "evaluation" / "table.md").read_text()
-    assert "| ddpm |" in table and "domain" in table
+    assert "| ddpm |" in table and "domain" in table and "diversity few (real)" in table
     fidelity = m["class_fidelity"]["per_class"]  # each class: a rate with its Wilson interval
     assert len(fidelity) == 10 and all(0 <= f["low"] <= f["rate"] <= f["high"] <= 1 for f in fidelity)
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and ln.count("|") == 5]

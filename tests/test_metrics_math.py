@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from models.data.longtail import long_tailed_counts
-from models.evaluation.metrics import class_groups, frechet_distance, memorization_rate, memorization_threshold
+from models.evaluation.metrics import (class_diversity, class_groups, frechet_distance, group_mean, mean_pairwise_distance,
+                                       memorization_rate, memorization_threshold)
 from models.evaluation.prd import max_f_beta_pair, prd_curve, prd_from_features
 
 
@@ -97,3 +98,29 @@ def test_frechet_from_stats_equals_scipys_sqrtm_route():
         ref = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
         assert frechet_from_stats(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-6, abs=1e-6)
     assert frechet_from_stats(np.zeros(1), np.array([[4.0]]), np.ones(1), np.array([[1.0]])) == pytest.approx(2.0)
+
+
+def test_mean_pairwise_distance_by_hand_and_copies_left_out():
+    # three points on a line: pairs (0,1)=1, (0,2)=3, (1,2)=2 -> mean 2
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    assert mean_pairwise_distance(x) == pytest.approx(2.0)
+    assert mean_pairwise_distance(x[:1]) is None
+    # a bootstrap draw that repeats image 0: the (0, 0') pair is left out, the value stays unbiased
+    draw = np.array([0, 0, 2])
+    assert mean_pairwise_distance(x[draw], index=draw) == pytest.approx(3.0)  # pairs (0,2), (0',2)
+    assert mean_pairwise_distance(x[draw]) == pytest.approx(2.0)  # with the copy pair: (0 + 3 + 3) / 3
+    assert mean_pairwise_distance(x[[1, 1]], index=np.array([1, 1])) is None
+
+
+def test_class_diversity_grows_with_spread_and_group_mean_skips_missing():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 200)
+    scale = np.array([0.5, 1.0, 2.0])[labels][:, None]
+    feats = rng.normal(size=(600, 16)) * scale
+    div = class_diversity(feats, labels, 4)
+    assert div[3] is None and div[0] < div[1] < div[2]
+    # E‖a − b‖ for two N(0, σ² I_16) vectors ≈ σ·√(2·16): the U-statistic does not depend on n
+    assert div[1] == pytest.approx(np.sqrt(32), rel=0.05)
+    assert class_diversity(feats[:60], labels[:60], 1)[0] == pytest.approx(0.5 * np.sqrt(32), rel=0.1)
+    assert group_mean(div, [1, 2, 3]) == pytest.approx((div[1] + div[2]) / 2)
+    assert group_mean(div, [3]) is None

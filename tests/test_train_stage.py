@@ -145,6 +145,22 @@ def test_composed_methods_and_fine_tuning_through_ray_train(ray_session, tmp_pat
         assert guidance["kind"] == "prototype" and guidance["weights"].endswith(f"{method}-features/features.pt")
     guided = run_sample(cfg, data, {m: models[m] for m in ("diffrc", "pcg")})  # through the guided denoiser
     assert {m: a.num_images for m, a in guided.items()} == {"diffrc": 2 * data.num_classes, "pcg": 2 * data.num_classes}
+    # companion grids: DiffRC's frozen source and both models without their guidance, from the
+    # evaluation set's noises (the same seeds), not evaluated
+    samples = cfg.run_dir / "samples"
+    assert {"diffrc-source", "diffrc-unguided", "pcg-unguided"} <= {p.name for p in samples.iterdir()}
+    assert not (samples / "pcg-source").exists()
+    import pyarrow.parquet as pq
+
+    def images(folder):
+        table = pq.read_table(samples / folder / "images").to_pydict()
+        return {(lab, k): (seed, np.asarray(img)) for lab, k, seed, img in
+                zip(table["label"], table["k"], table["seed"], table["image"])}
+
+    guided_imgs, plain_imgs = images("diffrc"), images("diffrc-unguided")
+    assert (samples / "diffrc-unguided" / "grid.png").stat().st_size > 0
+    common = set(guided_imgs) & set(plain_imgs)
+    assert len(common) == 2 * data.num_classes and all(guided_imgs[i][0] == plain_imgs[i][0] for i in common)
     header = (models["cbdm+diffrop"].path / "loss.csv").read_text().splitlines()[0].split(",")
     assert {"cbdm_reg", "cbdm_commit", "diffrop", "mse"} <= set(header)
     t2h = models["t2h"].path

@@ -1,5 +1,5 @@
-"""Evaluation arithmetic on extracted features: class groups, per-class Fréchet distance, and the
-tail memorisation rate. (Feature extraction and the whole-set metrics go through torch-fidelity.)
+"""Evaluation arithmetic on extracted features: class groups, per-class Fréchet distance, the
+within-class diversity (mean pairwise feature distance) and the tail memorisation rate. (Feature extraction and the whole-set metrics go through torch-fidelity.)
 """
 from __future__ import annotations
 
@@ -69,3 +69,33 @@ def memorization_rate(gen_feats: np.ndarray, train_feats: np.ndarray, threshold:
     image's nearest distance and nearest training index."""
     d, idx = nearest_distances(gen_feats, train_feats)
     return (float((d < threshold).mean()) if len(d) else float("nan")), d, idx
+
+
+def mean_pairwise_distance(feats: np.ndarray, index: np.ndarray | None = None) -> float | None:
+    """Mean Euclidean distance over the pairs of distinct images of a set (each unordered pair
+    once: an unbiased U-statistic, so its expectation does not depend on the set's size). With
+    `index` (the original indices of a bootstrap draw, one per row) the pairs of two copies of one
+    image are left out, so resampling does not pull the value toward 0. None below two images."""
+    x = torch.as_tensor(np.asarray(feats), dtype=torch.float64)
+    if len(x) < 2:
+        return None
+    d = torch.cdist(x, x)
+    keep = torch.ones_like(d, dtype=torch.bool).triu(1)
+    if index is not None:
+        idx = torch.as_tensor(np.asarray(index))
+        keep &= idx[:, None] != idx[None, :]
+    return float(d[keep].mean()) if keep.any() else None
+
+
+def class_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int,
+                    index: np.ndarray | None = None) -> list[float | None]:
+    """mean_pairwise_distance within each class (None where a class has fewer than two images)."""
+    labels = np.asarray(labels)
+    return [mean_pairwise_distance(feats[labels == c], None if index is None else np.asarray(index)[labels == c])
+            for c in range(num_classes)]
+
+
+def group_mean(per_class: Sequence[float | None], classes: Sequence[int]) -> float | None:
+    """Unweighted mean over a group's classes of a per-class value (classes without one skipped)."""
+    values = [per_class[c] for c in classes if per_class[c] is not None]
+    return float(np.mean(values)) if values else None

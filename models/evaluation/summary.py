@@ -4,8 +4,10 @@
 Whole-set: FID, KID, improved precision / recall (k = `prc_neighborhood`) and IS through
 torch-fidelity's feature-level functions, PRD F_8 / F_1/8 (Sajjadi et al.), all against the
 balanced reference features. Per class: FID against the class's reference images (n/a below
-`min_per_class` samples). Per group (`thirds` and `absolute` conventions): FID and the
-memorisation rate. Memorisation: nearest LT-training image in feature space closer than the
+`min_per_class` samples) and the diversity (mean pairwise feature distance between distinct
+images of the class; the real reference images' value beside it). Per group (`thirds` and
+`absolute` conventions): FID and the memorisation rate; per `thirds` group the mean of its
+classes' diversities. Memorisation: nearest LT-training image in feature space closer than the
 `memorization_quantile` of held-out real images' nearest distances.
 """
 from __future__ import annotations
@@ -14,8 +16,9 @@ import numpy as np
 import torch
 
 from models.evaluation.artefacts import class_fidelity, rate_with_interval, speckle_fraction
-from models.evaluation.intervals import fid_interval, gaussian_stats, wilson_interval
-from models.evaluation.metrics import class_groups, frechet_distance, memorization_rate, memorization_threshold
+from models.evaluation.intervals import bootstrap_indices, fid_interval, gaussian_stats, percentile_interval, wilson_interval
+from models.evaluation.metrics import (class_diversity, class_groups, frechet_distance, group_mean, memorization_rate,
+                                       memorization_threshold)
 from models.evaluation.prd import max_f_beta_pair, prd_from_features
 
 
@@ -35,6 +38,31 @@ def per_class_fids(feats: np.ndarray, labels: np.ndarray, ref: np.ndarray, ref_l
     counts = np.bincount(labels, minlength=num_classes)
     return [frechet_distance(feats[labels == c], ref[ref_labels == c]) if counts[c] >= min_samples else None
             for c in range(num_classes)]
+
+
+def diversity_metrics(gen_feats: np.ndarray, gen_labels: np.ndarray, ref: np.ndarray, ref_labels: np.ndarray,
+                      counts, *, seed: int = 0, bootstrap: int = 0, reference_per_class: int = 500) -> dict:
+    """Within-class diversity: per class the mean pairwise feature distance between distinct
+    generated images, and per `thirds` group the mean over its classes; `real_*` the same on up to
+    `reference_per_class` reference images per class (a fixed random subset: the statistic's
+    expectation does not depend on the set's size). With `bootstrap`, 95% intervals of the group
+    values (images resampled within classes; pairs of two copies of one image left out)."""
+    C = len(counts)
+    rng = np.random.default_rng(seed)
+    ref_idx = np.concatenate([rng.permutation(np.flatnonzero(ref_labels == c))[:reference_per_class] for c in range(C)])
+    per_class = class_diversity(gen_feats, gen_labels, C)
+    real = class_diversity(ref[ref_idx], ref_labels[ref_idx], C)
+    out = {"per_class": per_class, "real_per_class": real}
+    groups = class_groups(counts, "thirds")
+    for group, classes in groups.items():
+        out[group], out[f"real_{group}"] = group_mean(per_class, classes), group_mean(real, classes)
+    out["all"], out["real_all"] = group_mean(per_class, range(C)), group_mean(real, range(C))
+    if bootstrap:
+        draws = [class_diversity(gen_feats[i], gen_labels[i], C, index=i)
+                 for i in bootstrap_indices(len(gen_labels), bootstrap, seed, strata=gen_labels)]
+        for group, classes in [*groups.items(), ("all", range(C))]:
+            out[f"{group}_interval"] = list(percentile_interval([group_mean(d, classes) for d in draws]))
+    return out
 
 
 def generation_metrics(gen_feats: np.ndarray, gen_logits: np.ndarray, gen_labels: np.ndarray, real: dict, counts,
@@ -100,5 +128,6 @@ def generation_metrics(gen_feats: np.ndarray, gen_logits: np.ndarray, gen_labels
             if g.sum() >= min_per_class:
                 out[f"fid_thirds_{group}_interval"] = list(fid_interval(gen_feats[g], gaussian_stats(ref[r]), bootstrap,
                                                                         seed, strata=gen_labels[g]))
+    out["diversity"] = diversity_metrics(gen_feats, gen_labels, ref, ref_labels, counts, seed=seed, bootstrap=bootstrap)
     out["_nearest"], out["_dist"] = nearest, dist
     return out

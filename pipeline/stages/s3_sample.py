@@ -5,8 +5,17 @@
 needs), `fill` (every class up to the head count) or `counts` (explicit). Every method's image k of class c starts from the same noise (seed tag
 "eval"), so two methods' sets are paired. Output:
 samples/<method>/images/*.parquet (image, label, k, seed), grid.png, manifest.json.
+
+Companion grids (`sample.grid_per_class` images per class, the same noise as the first images of
+the evaluation set, shown in the report beside the method's own grid): for a method trained from a
+source model (DiffRC) `samples/<method>-source/`, the frozen source; for a method with a
+sampling-time guidance (DiffRC, pcg) `samples/<method>-unguided/`, the same model with s = 0.
+They are not evaluated.
 """
 from __future__ import annotations
+
+import dataclasses
+import json
 
 from pipeline.common.artifacts import DatasetArtifact, ModelArtifact, SampleArtifact
 from pipeline.common.devices import cluster_gpus, resolve_use_gpu
@@ -30,5 +39,29 @@ def plan_counts(cfg: Config, manifest: dict) -> list[int]:
 def run_sample(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArtifact]) -> dict[str, SampleArtifact]:
     use_gpu = resolve_use_gpu(cfg.sample.use_gpu, cluster_gpus(), "sample")
     counts = plan_counts(cfg, data.manifest)
-    return {method: generate_set(cfg, data, art, counts, folder=method, seed_tag="eval", use_gpu=use_gpu)
+    sets = {method: generate_set(cfg, data, art, counts, folder=method, seed_tag="eval", use_gpu=use_gpu)
             for method, art in models.items()}
+    companion_grids(cfg, data, models, use_gpu)
+    return sets
+
+
+def companion_grids(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArtifact],
+                    use_gpu: bool) -> dict[str, SampleArtifact]:
+    """The source model's and the unguided model's grids of the methods that have them (above)."""
+    from models.methods.registry import method_needs
+
+    per_class = [cfg.sample.grid_per_class] * len(data.manifest["class_counts"])
+    out = {}
+    for method, art in models.items():
+        needs = method_needs(method, cfg.method_options())
+        source = cfg.run_dir / "train" / f"{method}-source"
+        if needs.source_model and (source / "manifest.json").is_file() and (source / "model.pt").is_file():
+            metrics = json.loads((source / "manifest.json").read_text()).get("metrics", {})
+            out[f"{method}-source"] = generate_set(cfg, data, ModelArtifact(f"{method}-source", source, metrics, True),
+                                                   per_class, folder=f"{method}-source", seed_tag="eval",
+                                                   use_gpu=use_gpu)
+        if needs.guidance and (cfg.sample.guidance_scale is None or cfg.sample.guidance_scale > 0):
+            plain = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, guidance_scale=0.0))
+            out[f"{method}-unguided"] = generate_set(plain, data, art, per_class, folder=f"{method}-unguided",
+                                                     seed_tag="eval", use_gpu=use_gpu)
+    return out

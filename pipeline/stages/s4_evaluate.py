@@ -109,14 +109,22 @@ def _rate(entry: dict | None, digits: int = 1) -> str:
     return f"{100 * entry['rate']:.{digits}f} [{100 * entry['low']:.{digits}f}, {100 * entry['high']:.{digits}f}]"
 
 
+def _diversity(d: dict | None, group: str = "few") -> str:
+    if not d or d.get(group) is None:
+        return "n/a"
+    return _ci(d, group) + (f" ({d[f'real_{group}']:.2f})" if d.get(f"real_{group}") is not None else "")
+
+
 def write_table(results: dict[str, EvalArtifact], path: Path, info: dict, manifest: dict | None = None) -> None:
     head = ("| method | n | FID [95% CI] | FID many | FID medium | FID few | class fidelity % | fidelity few % | "
-            "speckled % | KID×1e3 | precision | recall | IS | F8 | F1/8 | memorized few |")
+            "speckled % | KID×1e3 | precision | recall | IS | F8 | F1/8 | diversity few (real) | memorized few |")
     lines = [f"Features: **{info['extractor']}**" + (f" (test accuracy {info['test_accuracy']:.4f})"
                                                      if "test_accuracy" in info else "") +
              "; groups: thirds of the classes by training count; intervals: 95% bootstrap over the generated "
              "images (FID) or Wilson (rates); speckled: mean |vertical pixel step| > 0.25 on [−1, 1] "
-             "(real test images: 2.6%).", "", head, "|" + "---|" * 16]
+             "(real test images: 2.6%); diversity: mean pairwise feature distance between distinct images of a class, "
+             "averaged over the few group's classes (the real reference images' value in brackets).", "", head,
+             "|" + "---|" * 17]
     for method, art in results.items():
         m = art.metrics
         fid = m.get("class_fidelity", {})
@@ -125,7 +133,7 @@ def write_table(results: dict[str, EvalArtifact], path: Path, info: dict, manife
                      f"{_rate(fid.get('few'))} | {_rate(m.get('speckle'))} | "
                      f"{m['kernel_inception_distance_mean'] * 1e3:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | "
                      f"{m['inception_score_mean']:.2f} | {m['prd_f8']:.3f} | {m['prd_f1_8']:.3f} | "
-                     f"{_fmt(m['memorization']['thirds_few'], 3)} |")
+                     f"{_diversity(m.get('diversity'))} | {_fmt(m['memorization']['thirds_few'], 3)} |")
     lines += per_class_fidelity_table(results, info, manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

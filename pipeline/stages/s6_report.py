@@ -118,7 +118,11 @@ def samples_section(cfg: Config, base: Path) -> list[str]:
         if not manifest.is_file():
             continue
         meta = json.loads(manifest.read_text())
-        purpose = "augmentation set (classify)" if folder.name.endswith("-augment") else "evaluation set"
+        purpose = ("augmentation set (classify)" if folder.name.endswith("-augment") else
+                   "its frozen source model (head classes only), the evaluation set's first noises"
+                   if folder.name.endswith("-source") else
+                   "without its sampling-time guidance (s = 0), the evaluation set's first noises"
+                   if folder.name.endswith("-unguided") else "evaluation set")
         lines += [f"### {folder.name}: {purpose}, {meta['num_images']} images, "
                   f"{meta['sample']['sampler']} {meta['sample']['steps']} steps, ω = {meta['sample']['omega']}", ""]
         lines += _image(folder / "grid.png", base, f"{folder.name} samples")

@@ -50,6 +50,7 @@ def load_sets(run_dirs: list[Path]) -> tuple[dict, dict]:
 def generation_table(sets: dict, ref: dict, baseline: str, replicates: int, seed: int) -> list[str]:
     from models.evaluation.intervals import (bootstrap_indices, frechet_from_stats, gaussian_stats,
                                              percentile_interval, wilson_interval)
+    from models.evaluation.metrics import class_diversity, group_mean
 
     base = sets[baseline]
     groups = {g: ref[f"{g}_classes"] for g in ("many", "medium", "few")}
@@ -60,30 +61,46 @@ def generation_table(sets: dict, ref: dict, baseline: str, replicates: int, seed
         mask = np.isin(labels, groups[group])
         return frechet_from_stats(*gaussian_stats(feats[mask]), ref[f"{group}_mu"], ref[f"{group}_sigma"])
 
+    num_classes = int(max(s["label"].max() for s in sets.values())) + 1
+
+    def diversity(feats, labels, index=None):  # the few group's mean within-class pairwise distance
+        return group_mean(class_diversity(feats, labels, num_classes, index), [int(c) for c in groups["few"]])
+
     lines = [f"Paired against **{baseline}** ({len(base['label'])} images per set; 95% paired bootstrap, "
              f"{replicates} replicates within classes; * = the interval excludes 0).", "",
-             "| method | FID | ΔFID | FID few | ΔFID few | class fidelity % | Δ fidelity pp |", "|---|---|---|---|---|---|---|"]
+             "Diversity few: the mean pairwise domain-feature distance between distinct images of a class, "
+             "averaged over the few group (pairs of two copies of one image left out in the bootstrap).", "",
+             "| method | FID | ΔFID | FID few | ΔFID few | class fidelity % | Δ fidelity pp | diversity few | "
+             "Δ diversity few |", "|---|---|---|---|---|---|---|---|---|"]
     idx = bootstrap_indices(len(base["label"]), replicates, seed, strata=base["label"])
     for name, s in sets.items():
         paired = np.array_equal(s["key"], base["key"])
         f_all, f_few = fid(s["feats"], s["label"]), fid(s["feats"], s["label"], "few")
         correct = s["logits"].argmax(1) == s["label"]
         lo, hi = wilson_interval(int(correct.sum()), len(correct))
-        cells = [f"{f_all:.2f}", "—", f"{f_few:.2f}", "—", f"{100 * correct.mean():.1f} [{100 * lo:.1f}, {100 * hi:.1f}]", "—"]
+        div = diversity(s["feats"], s["label"])
+        cells = [f"{f_all:.2f}", "—", f"{f_few:.2f}", "—", f"{100 * correct.mean():.1f} [{100 * lo:.1f}, {100 * hi:.1f}]", "—",
+                 "n/a" if div is None else f"{div:.3f}", "—"]
         if name != baseline and paired:
             base_ok = base["logits"].argmax(1) == base["label"]
-            d_all, d_few, d_fid = [], [], []
+            d_all, d_few, d_fid, d_div = [], [], [], []
             for i in idx:
                 d_all.append(fid(s["feats"][i], s["label"][i]) - fid(base["feats"][i], base["label"][i]))
                 d_few.append(fid(s["feats"][i], s["label"][i], "few") - fid(base["feats"][i], base["label"][i], "few"))
                 d_fid.append(100 * (correct[i].mean() - base_ok[i].mean()))
-            for pos, point, values in ((1, f_all - fid(base["feats"], base["label"]), d_all),
-                                       (3, f_few - fid(base["feats"], base["label"], "few"), d_few),
-                                       (5, 100 * (correct.mean() - base_ok.mean()), d_fid)):
+                a, b = diversity(s["feats"][i], s["label"][i], i), diversity(base["feats"][i], base["label"][i], i)
+                d_div.append(None if a is None or b is None else a - b)
+            base_div = diversity(base["feats"], base["label"])
+            for pos, point, values, digits in ((1, f_all - fid(base["feats"], base["label"]), d_all, 2),
+                                               (3, f_few - fid(base["feats"], base["label"], "few"), d_few, 2),
+                                               (5, 100 * (correct.mean() - base_ok.mean()), d_fid, 2),
+                                               (7, None if div is None or base_div is None else div - base_div, d_div, 3)):
+                if point is None:
+                    continue
                 a, b = percentile_interval(values)
-                cells[pos] = f"{point:+.2f} [{a:+.2f}, {b:+.2f}]" + (" *" if a > 0 or b < 0 else "")
+                cells[pos] = f"{point:+.{digits}f} [{a:+.{digits}f}, {b:+.{digits}f}]" + (" *" if a > 0 or b < 0 else "")
         elif name != baseline:
-            cells[1] = cells[3] = cells[5] = "not paired (other seeds)"
+            cells[1] = cells[3] = cells[5] = cells[7] = "not paired (other seeds)"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -283,8 +283,9 @@ def figures(cfg, data, evaluations: dict, summary: dict, out: Path) -> None:
     tail_grids(cfg, data, names, out / "tail_samples.png")
 
 
-def tail_grids(cfg, data, names: list[str], path: Path, per_class: int = 8) -> None:
-    """The few-group classes' first samples of every method, side by side (one column block per method)."""
+def tail_grids(cfg, data, names: list, path: Path, per_class: int = 8) -> None:
+    """The few-group classes' first samples of every method, side by side (one column block per method).
+    `names`: sample folders of this run, or (label, folder path) pairs for sets of other runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,8 +296,11 @@ def tail_grids(cfg, data, names: list[str], path: Path, per_class: int = 8) -> N
     few = class_groups(data.manifest["class_counts"], "thirds")["few"]
     H, W, C = data.image_shape
     blocks = []
+    labels = []
     for m in names:
-        s = load_samples(SampleArtifact(m, cfg.run_dir / "samples" / m, 0, True), data.image_shape)
+        label, folder = (m, cfg.run_dir / "samples" / m) if isinstance(m, str) else (m[0], Path(m[1]))
+        labels.append(label)
+        s = load_samples(SampleArtifact(label, folder, 0, True), data.image_shape)
         rows = []
         for c in few:
             idx = np.flatnonzero(s["label"] == c)
@@ -305,7 +309,7 @@ def tail_grids(cfg, data, names: list[str], path: Path, per_class: int = 8) -> N
                                         for i in idx], axis=1))
         blocks.append(np.concatenate(rows, axis=0))
     fig, axes = plt.subplots(1, len(blocks), figsize=(1.6 * len(blocks) * per_class / 8 + 1, 2.2), squeeze=False)
-    for ax, m, block in zip(axes[0], names, blocks):
+    for ax, m, block in zip(axes[0], labels, blocks):
         ax.imshow(block.squeeze(-1) if C == 1 else block, cmap="gray" if C == 1 else None)
         ax.set_title(m, fontsize=7)
         ax.axis("off")
