@@ -300,8 +300,11 @@ def _finish(cfg: Config, data: DatasetArtifact, spec: TrainSpec, key: str, ray_r
                 "resample": spec_resample(cfg, spec).mode, "use_gpu": use_gpu, "config": cfg.to_dict()}
     write_json(work / "manifest.json", manifest)  # marks the model finished ...
     publish_dir(work, out)  # ... and only now does it replace train/<name>/
-    log.info("train[%s]: %d steps, final loss %.4f, %.1f img/s", spec.name, metrics["step"],
-             metrics.get("loss", float("nan")), metrics.get("images_per_second", float("nan")))
+    parts = [f"{metrics['step']} steps"]  # a feature network's job reports neither loss nor img/s (its loss.csv has loss_pc)
+    parts += [f"final loss {metrics['loss']:.4f}"] if "loss" in metrics else []
+    parts += [f"{metrics['images_per_second']:.1f} img/s"] if "images_per_second" in metrics else []
+    parts += [f"{metrics['fit_seconds']:.0f} s"] if "fit_seconds" in metrics else []
+    log.info("train[%s]: %s", spec.name, ", ".join(parts))
     return ModelArtifact(spec.name, out, metrics, skipped=False)
 
 
