@@ -46,6 +46,7 @@ def test_hash_tracks_content():
     ("data.seed=abc", "data.seed must be an integer"),
     ("stages=data,paint", "unknown stage(s) paint"),
     ("data.on_corrupt=ignore", "use fail or skip"),
+    ("sample.guidance_norm=max", "use rms (unit RMS per image) or l2"),
     ("noequals", "--set expects key=value"),
 ])
 def test_bad_values_give_one_line_errors(override, message):

@@ -93,6 +93,14 @@ def test_classifier_guidance_moves_eps_along_the_normalised_gradient():
     assert torch.allclose(out, expected.expand_as(out), atol=1e-6)
     off = ClassifierGuidance(inner, grad, 0.0, SCHEDULE.alpha_bar)(x, t, torch.zeros(2, dtype=torch.long))
     assert torch.equal(off, torch.zeros_like(x))
+    # unit norm instead: g = 5 on 4 pixels has norm 10, so each pixel is 0.5 and the shift √D = 2× smaller
+    l2 = ClassifierGuidance(inner, grad, 0.4, SCHEDULE.alpha_bar, normalise="l2")(x, t, torch.zeros(2, dtype=torch.long))
+    assert torch.allclose(l2, expected.expand_as(out) / 2, atol=1e-6)
+    assert l2.flatten(1).norm(dim=1).allclose(0.4 * (1 - SCHEDULE.alpha_bar[t]).sqrt())
+    raw = ClassifierGuidance(inner, grad, 0.4, SCHEDULE.alpha_bar, normalise=None)(x, t, torch.zeros(2, dtype=torch.long))
+    assert torch.allclose(raw, expected.expand_as(out) * 5, atol=1e-6)
+    with pytest.raises(ValueError, match="rms, l2"):
+        ClassifierGuidance(inner, grad, 0.4, SCHEDULE.alpha_bar, normalise="max")
 
 
 def test_guidance_wrappers_compose_with_cfg():

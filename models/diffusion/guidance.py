@@ -51,15 +51,20 @@ class ClassifierGuidance:
     """ε̂ ← ε̂ − √(1−ᾱ_t) · s · g(x_t, t, y) (Dhariwal & Nichol 2021, Alg. 2), the ε-form of
     classifier guidance that every sampler (DDIM, the solvers, ancestral DDPM) can use.
 
-    `grad_fn(x_t, t, y) -> (B, ...)` is the direction that raises p(y | x_t) (for DiffRC: −∇L_PC,
-    normalised per image). With `normalise`, g is rescaled to unit RMS per image, the paper's ∇̂.
+    `grad_fn(x_t, t, y) -> (B, ...)` is the direction that raises p(y | x_t) (for DiffRC: −∇L_PC).
+    `normalise` makes it the paper's ∇̂, per image: "rms" (or True) unit RMS (‖g‖ = √D, so s is
+    per pixel and does not depend on the resolution), "l2" unit norm (‖g‖ = 1: the same s is √D
+    times weaker, D = C·H·W = 784 at 28×28), False / None the raw gradient.
     For the ancestral DDPM step this shifts the mean by s·β_t/√α_t·g, Eq. 13's sΣg with Σ = β_t
     up to the factor 1/√α_t ∈ [1, 1.01].
     """
 
     def __init__(self, inner: Denoiser, grad_fn: Callable, scale: float, alpha_bar: torch.Tensor,
-                 normalise: bool = True):
-        self.inner, self.grad_fn, self.scale, self.normalise = inner, grad_fn, float(scale), normalise
+                 normalise: bool | str = "rms"):
+        if normalise not in (True, False, None, "rms", "l2"):
+            raise ValueError(f"normalise={normalise!r}: use rms, l2 or None")
+        self.inner, self.grad_fn, self.scale = inner, grad_fn, float(scale)
+        self.normalise = "rms" if normalise is True else (normalise or None)
         self.alpha_bar = alpha_bar
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,7 +74,9 @@ class ClassifierGuidance:
         with torch.enable_grad():
             g = self.grad_fn(x.detach(), t, y).float()
         if self.normalise:
-            g = g / g.flatten(1).pow(2).mean(1).sqrt().clamp(min=1e-12).reshape(-1, *([1] * (g.ndim - 1)))
+            sq = g.flatten(1).pow(2)
+            norm = (sq.mean(1) if self.normalise == "rms" else sq.sum(1)).sqrt().clamp(min=1e-12)
+            g = g / norm.reshape(-1, *([1] * (g.ndim - 1)))
         ab = self.alpha_bar.to(x.device)[t].float().reshape(-1, *([1] * (x.ndim - 1)))
         return eps - (1 - ab).sqrt() * self.scale * g
 

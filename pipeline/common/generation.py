@@ -38,10 +38,11 @@ def plan_rows(counts: list[int], seed: int, tag: str) -> dict[str, np.ndarray]:
     return {"label": labels, "k": ks, "seed": seeds}
 
 
-def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, device, guidance_scale=None):
+def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, device, guidance_scale=None,
+                   guidance_norm: str = "rms"):
     """The sampling denoiser of a trained model: CFG (or the null label for an unconditional
     backbone), wrapped in the model's sampling-time guidance when it has one (`guidance_scale`
-    overrides the scale it was trained with)."""
+    overrides the scale it was trained with; `guidance_norm` normalises its gradient)."""
     import torch
 
     from models.diffusion.guidance import CFGDenoiser, ClassifierGuidance, NullLabelDenoiser
@@ -58,7 +59,7 @@ def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, devic
     if guidance:
         scale = guidance["scale"] if guidance_scale is None else guidance_scale
         grad_fn = GUIDANCES[guidance["kind"]](guidance["weights"], device)
-        den = ClassifierGuidance(den, grad_fn, scale, schedule.alpha_bar)
+        den = ClassifierGuidance(den, grad_fn, scale, schedule.alpha_bar, normalise=guidance_norm)
     return den
 
 
@@ -86,7 +87,8 @@ class SamplerActor:
         self.size = run_cfg.model.image_size
         self.height, self.width, self.channels = manifest["image_shape"]
         self.denoiser = build_denoiser(net, Path(weights), self.cfg["omega"], self.cfg["bf16"], self.schedule,
-                                       self.device, self.cfg.get("guidance_scale"))
+                                       self.device, self.cfg.get("guidance_scale"),
+                                       self.cfg.get("guidance_norm", "rms"))
         self.key = self.cfg.get("progress_key")
         self.done = 0
 

@@ -108,6 +108,7 @@ class SampleConfig:
     eta: float = 0.0
     omega: float = 1.0  # guidance ω in (1+ω)·ε(x,y) − ω·ε(x,∅)
     guidance_scale: Optional[float] = None  # a method's sampling-time guidance (DiffRC's s); None = its own
+    guidance_norm: str = "rms"  # how the guidance gradient is normalised (Eq. 13's ∇̂): rms (unit RMS per image) | l2 (unit norm)
     clip_x0: Optional[bool] = None  # None = the sampler's default
     batch_size: int = 50
     num_actors: int = 1  # one per GPU (use_gpu) or CPU slot

@@ -111,6 +111,8 @@ def _validate_model_train_sample(cfg) -> None:
         raise ConfigError(f"unknown sample.sampler {s.sampler!r}: use one of {', '.join(SAMPLERS)}")
     if not 1 <= s.steps <= m.timesteps:
         raise ConfigError(f"sample.steps={s.steps} must be in [1, model.timesteps={m.timesteps}]")
+    if s.guidance_norm not in ("rms", "l2"):
+        raise ConfigError(f"sample.guidance_norm={s.guidance_norm!r}: use rms (unit RMS per image) or l2 (unit norm)")
     if s.eta and s.sampler != "ddim":
         raise ConfigError(f"sample.eta={s.eta} is DDIM's noise level: set sample.eta=0 for the {s.sampler} sampler")
     for section in ("train", "sample", "evaluate", "classify"):

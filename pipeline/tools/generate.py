@@ -40,6 +40,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise level (ddim only; default 0)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="a method's sampling-time guidance scale (DiffRC's s; default: the model's own)")
+    p.add_argument("--guidance-norm", default="rms", choices=("rms", "l2"),
+                   help="normalisation of the guidance gradient: unit RMS or unit norm per image (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="base seed of the per-image seeds (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward batch (results do not depend on it)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda")
@@ -97,7 +99,8 @@ def plan(classes: list[int], n: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def sample_images(ck: dict, rows: dict, *, sampler: str, steps: int, omega: float, eta: float,
-                  guidance_scale: float | None, batch_size: int, device: str, bf16: bool) -> np.ndarray:
+                  guidance_scale: float | None, batch_size: int, device: str, bf16: bool,
+                  guidance_norm: str = "rms") -> np.ndarray:
     """uint8 (N, H, W, C) images of the plan's rows."""
     import torch
 
@@ -110,7 +113,7 @@ def sample_images(ck: dict, rows: dict, *, sampler: str, steps: int, omega: floa
     cfg, (H, W, C) = ck["cfg"], ck["manifest"]["image_shape"]
     net, schedule, size = ck["net"].to(device), make_schedule(cfg), cfg.model.image_size
     try:
-        denoiser = build_denoiser(net, ck["path"], omega, bf16, schedule, device, guidance_scale)
+        denoiser = build_denoiser(net, ck["path"], omega, bf16, schedule, device, guidance_scale, guidance_norm)
     except (OSError, KeyError, RuntimeError) as exc:
         raise TaildiffError(f"cannot set up this model's sampling guidance ({type(exc).__name__}: "
                             f"{str(exc)[:200]}): keep the run folder the model.pt came from in place (the "
@@ -171,10 +174,10 @@ def run_generate(args: argparse.Namespace) -> Path:
         started = time.perf_counter()
         images = sample_images(ck, rows, sampler=sampler, steps=steps, omega=omega, eta=args.eta,
                                guidance_scale=args.guidance_scale, batch_size=args.batch_size, device=device,
-                               bf16=args.bf16)
+                               bf16=args.bf16, guidance_norm=args.guidance_norm)
         record = {"checkpoint": str(ck["path"]), "method": ck["extras"]["method"], "model_step": ck["step"],
                   "sampler": sampler, "steps": steps, "omega": omega, "eta": args.eta,
-                  "guidance_scale": args.guidance_scale, "seed": args.seed, "seed_rule": "derive_seed(seed, "
+                  "guidance_scale": args.guidance_scale, "guidance_norm": args.guidance_norm, "seed": args.seed, "seed_rule": "derive_seed(seed, "
                   "'generate', class, k)", "classes": classes, "class_names": [manifest["class_names"][c] for c in classes],
                   "n": args.n, "device": device, "bf16": args.bf16, "image_shape": manifest["image_shape"],
                   "seconds": round(time.perf_counter() - started, 2)}

@@ -42,7 +42,7 @@ class GuidanceWorker:
 
         started = time.perf_counter()
         denoiser = build_denoiser(self.net, self.weights, sample["omega"], sample["bf16"], self.schedule, "cpu",
-                                  sample.get("guidance_scale"))
+                                  sample.get("guidance_scale"), sample.get("guidance_norm", "rms"))
         images = generate_images(self.net, self.schedule, self.manifest, self.cfg.model.image_size, self.labels,
                                  self.seeds, sampler=sample["sampler"], steps=sample["steps"], eta=sample["eta"],
                                  batch_size=sample["batch_size"], denoiser=denoiser)
@@ -87,4 +87,4 @@ def run_sample_sweep(checkpoints: dict[str, tuple], space: SearchSpace, images: 
 
 def _sample_dict(s) -> dict:
     return {"sampler": s.sampler, "steps": s.steps, "omega": s.omega, "eta": s.eta, "batch_size": s.batch_size,
-            "bf16": s.bf16, "guidance_scale": s.guidance_scale}
+            "bf16": s.bf16, "guidance_scale": s.guidance_scale, "guidance_norm": s.guidance_norm}
