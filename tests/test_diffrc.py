@@ -79,6 +79,25 @@ def test_source_gets_no_gradient_and_the_loss_trains_the_target():
         loss(target, x0, y, SCHEDULE, generator=torch.Generator().manual_seed(0))
 
 
+def test_pair_reduction_mean_averages_over_members_and_sum_is_eq9():
+    from models.methods.diffrc import pair_members
+
+    y = torch.tensor([2, 2, 2, 3, 3, 3, 0, 1])  # 6 members: classes 2 and 3; 0 is head, 1 a singleton
+    assert pair_members(y, [0]).tolist() == [True] * 6 + [False, False]
+    x0 = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    terms = {}
+    for reduction in ("mean", "sum"):
+        opts = default_options()
+        opts["diffrc"] = dataclasses.replace(opts["diffrc"], pair_reduction=reduction)
+        loss = make_loss("diffrc_cfg", opts, [100, 50, 10, 5])
+        out = loss(StubNet(1.0), x0, y, SCHEDULE, generator=torch.Generator().manual_seed(0), source=StubNet(0.7))
+        terms[reduction] = out["diffrc_pair"]
+    kl_sum = terms["sum"].mean()  # Σ_i λ·KL_i (Eq. 9)
+    assert terms["mean"].mean() == pytest.approx(kl_sum.item() / 6, rel=1e-5)  # λ·mean over the 6 members
+    with pytest.raises(ValueError, match="pair_reduction"):
+        dataclasses.replace(default_options()["diffrc"], pair_reduction="max").validate()
+
+
 def test_unconditional_diffrc_feeds_the_null_label():
     seen = []
 
