@@ -79,6 +79,15 @@ def test_source_gets_no_gradient_and_the_loss_trains_the_target():
         loss(target, x0, y, SCHEDULE, generator=torch.Generator().manual_seed(0))
 
 
+def test_pair_kl_runs_in_fp32_under_bf16_autocast():
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([1, 1, 1, 2, 2, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the train step's forward on a bf16 CPU
+        kl = pair_kl(x, x.flip(0), labels, torch.tensor([9, 9, 9]), head=[0], gamma=0.1)
+    assert kl.dtype == torch.float32 and torch.allclose(kl, pair_kl(x, x.flip(0), labels, torch.tensor([9, 9, 9]),
+                                                                    head=[0], gamma=0.1))
+
+
 def test_pair_reduction_mean_averages_over_members_and_sum_is_eq9():
     from models.methods.diffrc import pair_members
 

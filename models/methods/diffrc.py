@@ -92,8 +92,6 @@ def predicted_x0(schedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
     return schedule.x0_from_eps(x_t.float(), t, eps.float()).flatten(1)
 
 
-@torch.autocast("cuda", enabled=False)
-@torch.autocast("cpu", enabled=False)
 def pair_members(labels: torch.Tensor, head: list[int]) -> torch.Tensor:
     """The samples L_pair sums over: not a head class, and at least one other sample of the class. (B,) bool."""
     same = labels[:, None] == labels[None, :]
@@ -101,6 +99,8 @@ def pair_members(labels: torch.Tensor, head: list[int]) -> torch.Tensor:
     return (same.sum(1) >= 2) & ~head_mask
 
 
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def pair_kl(x0_tar: torch.Tensor, x0_sou: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor,
             head: list[int], gamma: float) -> torch.Tensor:
     """Per-sample KL(p_i^tar ‖ p_i^sou) of Eq. 7–9 (0 for head classes and singletons). (B,)."""
