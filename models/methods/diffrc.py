@@ -145,7 +145,7 @@ class DiffRCPiece(LossPiece):
         if self.opts.pair_reduction == "sum":
             scale = len(kl)  # the batch mean of the per-sample terms is Σ_i KL
         else:
-            scale = len(kl) / max(int(pair_members(step.y_true, self.head).sum()), 1)  # ... is the mean over members
+            scale = len(kl) / pair_members(step.y_true, self.head).sum().clamp(min=1)  # ... the mean over members (no host sync)
         return {"diffrc_pair": self.opts.lam * kl * scale}, {}
 
 
