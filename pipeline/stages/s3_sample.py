@@ -52,6 +52,8 @@ def companion_grids(cfg: Config, data: DatasetArtifact, models: dict[str, ModelA
 
     per_class = [cfg.sample.grid_per_class] * len(data.manifest["class_counts"])
     out = {}
+    if cfg.sample.grid_per_class < 1:
+        return out
     for method, art in models.items():
         needs = method_needs(method, cfg.method_options())
         source = cfg.run_dir / "train" / f"{method}-source"
