@@ -100,7 +100,8 @@ def test_main_job_runs_then_skips(tmp_path):
     whole = run_cli(*job)
     assert whole.returncode == 0, whole.stderr[-3000:]
     log = whole.stdout + whole.stderr
-    assert "data: reusing" in log and (kept == 30 or f"resuming from step {kept}" in log), log[-3000:]
+    resumed = [ln for ln in log.splitlines() if "resuming from" in ln or "reusing" in ln]
+    assert "data: reusing" in log and (kept == 30 or f"resuming from step {kept}" in log), (kept, resumed)
     manifest = json.loads((datasets / json.loads((run_dir / "stages.json").read_text())["dataset_dir"].split("/")[-1]
                            / "manifest.json").read_text())
     assert manifest["dataset"] == "digits"
