@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from models.data.longtail import long_tailed_counts
-from models.evaluation.metrics import (class_diversity, class_groups, frechet_distance, group_mean, mean_pairwise_distance,
+from models.evaluation.metrics import (ClassDistances, class_diversity, class_groups, frechet_distance, group_mean, mean_pairwise_distance,
                                        memorization_rate, memorization_threshold)
 from models.evaluation.prd import max_f_beta_pair, prd_curve, prd_from_features
 
@@ -124,3 +124,16 @@ def test_class_diversity_grows_with_spread_and_group_mean_skips_missing():
     assert class_diversity(feats[:60], labels[:60], 1)[0] == pytest.approx(0.5 * np.sqrt(32), rel=0.1)
     assert group_mean(div, [1, 2, 3]) == pytest.approx((div[1] + div[2]) / 2)
     assert group_mean(div, [3]) is None
+
+
+def test_class_distances_equal_class_diversity_on_the_set_and_on_bootstrap_draws():
+    from models.evaluation.intervals import bootstrap_indices
+
+    rng = np.random.default_rng(0)
+    feats, labels = rng.normal(size=(300, 8)), rng.integers(0, 4, 300)
+    dist = ClassDistances(feats, labels, 5)  # class 4 is empty
+    whole, want = dist.diversity(), class_diversity(feats, labels, 5)
+    assert whole[4] is None and want[4] is None and whole[:4] == pytest.approx(want[:4], rel=1e-12)
+    for draw in bootstrap_indices(300, 5, 0, strata=labels):
+        got, want = dist.diversity(draw), class_diversity(feats[draw], labels[draw], 5, index=draw)
+        assert got[4] is None and want[4] is None and got[:4] == pytest.approx(want[:4], rel=1e-12)

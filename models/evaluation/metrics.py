@@ -71,6 +71,12 @@ def memorization_rate(gen_feats: np.ndarray, train_feats: np.ndarray, threshold:
     return (float((d < threshold).mean()) if len(d) else float("nan")), d, idx
 
 
+def _mean_distinct(d: torch.Tensor, ids: torch.Tensor) -> float | None:
+    """Mean of a distance matrix over its unordered pairs of two different images (ids differ)."""
+    keep = torch.ones_like(d, dtype=torch.bool).triu(1) & (ids[:, None] != ids[None, :])
+    return float(d[keep].mean()) if keep.any() else None
+
+
 def mean_pairwise_distance(feats: np.ndarray, index: np.ndarray | None = None) -> float | None:
     """Mean Euclidean distance over the pairs of distinct images of a set (each unordered pair
     once: an unbiased U-statistic, so its expectation does not depend on the set's size). With
@@ -79,12 +85,8 @@ def mean_pairwise_distance(feats: np.ndarray, index: np.ndarray | None = None) -
     x = torch.as_tensor(np.asarray(feats), dtype=torch.float64)
     if len(x) < 2:
         return None
-    d = torch.cdist(x, x)
-    keep = torch.ones_like(d, dtype=torch.bool).triu(1)
-    if index is not None:
-        idx = torch.as_tensor(np.asarray(index))
-        keep &= idx[:, None] != idx[None, :]
-    return float(d[keep].mean()) if keep.any() else None
+    ids = torch.arange(len(x)) if index is None else torch.as_tensor(np.asarray(index))
+    return _mean_distinct(torch.cdist(x, x), ids)
 
 
 def class_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -93,6 +95,32 @@ def class_diversity(feats: np.ndarray, labels: np.ndarray, num_classes: int,
     labels = np.asarray(labels)
     return [mean_pairwise_distance(feats[labels == c], None if index is None else np.asarray(index)[labels == c])
             for c in range(num_classes)]
+
+
+class ClassDistances:
+    """Each class's pairwise feature distances, computed once, so the diversity of a set's bootstrap
+    draws (resampled within classes: `bootstrap_indices(..., strata=labels)`) indexes them instead
+    of recomputing them per draw. `diversity(draw)` equals class_diversity(feats[draw], labels[draw],
+    C, index=draw); `diversity()` equals class_diversity(feats, labels, C)."""
+
+    def __init__(self, feats: np.ndarray, labels: np.ndarray, num_classes: int):
+        labels = np.asarray(labels)
+        x = torch.as_tensor(np.asarray(feats), dtype=torch.float64)
+        self.members = [np.flatnonzero(labels == c) for c in range(num_classes)]
+        self.dist = [torch.cdist(x[m], x[m]) for m in self.members]
+        self.local = np.zeros(len(labels), dtype=np.int64)  # an image's position within its class
+        for m in self.members:
+            self.local[m] = np.arange(len(m))
+
+    def diversity(self, draw: np.ndarray | None = None) -> list[float | None]:
+        out = []
+        for m, d in zip(self.members, self.dist):
+            if len(m) < 2:
+                out.append(None)
+                continue
+            ids = torch.as_tensor(self.local[m if draw is None else np.asarray(draw)[m]])
+            out.append(_mean_distinct(d[ids][:, ids], ids))
+        return out
 
 
 def group_mean(per_class: Sequence[float | None], classes: Sequence[int]) -> float | None:

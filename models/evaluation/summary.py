@@ -17,7 +17,7 @@ import torch
 
 from models.evaluation.artefacts import class_fidelity, rate_with_interval, speckle_fraction
 from models.evaluation.intervals import bootstrap_indices, fid_interval, gaussian_stats, percentile_interval, wilson_interval
-from models.evaluation.metrics import (class_diversity, class_groups, frechet_distance, group_mean, memorization_rate,
+from models.evaluation.metrics import (ClassDistances, class_diversity, class_groups, frechet_distance, group_mean, memorization_rate,
                                        memorization_threshold)
 from models.evaluation.prd import max_f_beta_pair, prd_from_features
 
@@ -58,8 +58,8 @@ def diversity_metrics(gen_feats: np.ndarray, gen_labels: np.ndarray, ref: np.nda
         out[group], out[f"real_{group}"] = group_mean(per_class, classes), group_mean(real, classes)
     out["all"], out["real_all"] = group_mean(per_class, range(C)), group_mean(real, range(C))
     if bootstrap:
-        draws = [class_diversity(gen_feats[i], gen_labels[i], C, index=i)
-                 for i in bootstrap_indices(len(gen_labels), bootstrap, seed, strata=gen_labels)]
+        dist = ClassDistances(gen_feats, gen_labels, C)
+        draws = [dist.diversity(i) for i in bootstrap_indices(len(gen_labels), bootstrap, seed, strata=gen_labels)]
         for group, classes in [*groups.items(), ("all", range(C))]:
             out[f"{group}_interval"] = list(percentile_interval([group_mean(d, classes) for d in draws]))
     return out

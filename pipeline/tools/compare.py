@@ -50,7 +50,7 @@ def load_sets(run_dirs: list[Path]) -> tuple[dict, dict]:
 def generation_table(sets: dict, ref: dict, baseline: str, replicates: int, seed: int) -> list[str]:
     from models.evaluation.intervals import (bootstrap_indices, frechet_from_stats, gaussian_stats,
                                              percentile_interval, wilson_interval)
-    from models.evaluation.metrics import class_diversity, group_mean
+    from models.evaluation.metrics import ClassDistances, group_mean
 
     base = sets[baseline]
     groups = {g: ref[f"{g}_classes"] for g in ("many", "medium", "few")}
@@ -63,8 +63,10 @@ def generation_table(sets: dict, ref: dict, baseline: str, replicates: int, seed
 
     num_classes = int(max(s["label"].max() for s in sets.values())) + 1
 
-    def diversity(feats, labels, index=None):  # the few group's mean within-class pairwise distance
-        return group_mean(class_diversity(feats, labels, num_classes, index), [int(c) for c in groups["few"]])
+    def diversity(dist, draw=None):  # the few group's mean within-class pairwise distance
+        return group_mean(dist.diversity(draw), [int(c) for c in groups["few"]])
+
+    base_dist = ClassDistances(base["feats"], base["label"], num_classes)  # distances once per set, not per draw
 
     lines = [f"Paired against **{baseline}** ({len(base['label'])} images per set; 95% paired bootstrap, "
              f"{replicates} replicates within classes; * = the interval excludes 0).", "",
@@ -78,7 +80,8 @@ def generation_table(sets: dict, ref: dict, baseline: str, replicates: int, seed
         f_all, f_few = fid(s["feats"], s["label"]), fid(s["feats"], s["label"], "few")
         correct = s["logits"].argmax(1) == s["label"]
         lo, hi = wilson_interval(int(correct.sum()), len(correct))
-        div = diversity(s["feats"], s["label"])
+        s_dist = ClassDistances(s["feats"], s["label"], num_classes)
+        div = diversity(s_dist)
         cells = [f"{f_all:.2f}", "—", f"{f_few:.2f}", "—", f"{100 * correct.mean():.1f} [{100 * lo:.1f}, {100 * hi:.1f}]", "—",
                  "n/a" if div is None else f"{div:.3f}", "—"]
         if name != baseline and paired:
@@ -88,9 +91,9 @@ def generation_table(sets: dict, ref: dict, baseline: str, replicates: int, seed
                 d_all.append(fid(s["feats"][i], s["label"][i]) - fid(base["feats"][i], base["label"][i]))
                 d_few.append(fid(s["feats"][i], s["label"][i], "few") - fid(base["feats"][i], base["label"][i], "few"))
                 d_fid.append(100 * (correct[i].mean() - base_ok[i].mean()))
-                a, b = diversity(s["feats"][i], s["label"][i], i), diversity(base["feats"][i], base["label"][i], i)
+                a, b = diversity(s_dist, i), diversity(base_dist, i)
                 d_div.append(None if a is None or b is None else a - b)
-            base_div = diversity(base["feats"], base["label"])
+            base_div = diversity(base_dist)
             for pos, point, values, digits in ((1, f_all - fid(base["feats"], base["label"]), d_all, 2),
                                                (3, f_few - fid(base["feats"], base["label"], "few"), d_few, 2),
                                                (5, 100 * (correct.mean() - base_ok.mean()), d_fid, 2),
