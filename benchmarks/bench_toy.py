@@ -5,7 +5,9 @@ Per method: tail leakage (the rarest three classes' samples that land in another
 class overlap (the mean leakage over all classes), tail energy distance to the true class
 distribution (coverage of the tail modes) and tail memorisation; mean ± std over seeds, and the
 paired difference against DDPM (same seeds, same per-sample noise) with its 95% t-interval.
-DiffRC needs a source model: it is trained here the way the pipeline does (head classes only).
+DiffRC needs a source model: it is trained here the way the pipeline does (head classes only);
+`diffrc_cfg@diffrc.lam=0` is the same target without its pair-wise loss (DiffRC's ablation). A method
+entry `name@section.field=value[@...]` runs `name` with those options.
 
     python benchmarks/bench_toy.py [--seeds 3] [--steps 600] [--methods ddpm,cbdm,t2h,...]
 """
@@ -22,8 +24,25 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-DEFAULT = ["ddpm", "cbdm", "t2h", "h2t", "oc_full", "diffrop", "diffrc_cfg", "reweight", "rs", "rs_sqrt"]
+DEFAULT = ["ddpm", "cbdm", "t2h", "h2t", "oc_full", "diffrop", "diffrc_cfg", "diffrc_cfg@diffrc.lam=0", "reweight", "rs",
+           "rs_sqrt"]
 METRICS = ["tail_leakage", "overlap", "tail_energy", "tail_spread", "tail_memorised"]
+
+
+def parse_entry(entry: str, toy_run, **fields):
+    """`name@section.field=value@...` -> (method name, its ToyRun with those options over the bench's own)."""
+    import yaml
+
+    name, *sets = entry.split("@")
+    run = toy_run(name, **fields)
+    options = {k: dict(v) for k, v in run.options.items()}
+    for item in sets:
+        key, _, value = item.partition("=")
+        section, _, fld = key.partition(".")
+        if not (section and fld and value):
+            raise SystemExit(f"bench_toy: bad method entry {entry!r}; write name@section.field=value")
+        options.setdefault(section, {})[fld] = yaml.safe_load(value)
+    return name, dataclasses.replace(run, options=options)
 
 
 def main() -> None:
@@ -45,18 +64,20 @@ def main() -> None:
     started = time.perf_counter()
     for seed in range(args.seeds):
         for m in methods:
-            results[m].append(run_method(m, data, toy_run(m, steps=args.steps), seed))
+            name, run = parse_entry(m, toy_run, steps=args.steps)
+            results[m].append(run_method(name, data, run, seed))
     print(f"toy bench: {data.num_classes} classes, counts {list(data.counts)}, {args.steps} steps per method, "
           f"{args.seeds} seeds, {toy_run('ddpm').per_class} samples per class, OC cutoff 20 of T=200 ({time.perf_counter() - started:.0f} s)")
-    print("| method | " + " | ".join(METRICS) + " | Δ tail leakage vs ddpm [95% CI] | Δ overlap vs ddpm [95% CI] |")
-    print("|---|" + "---|" * (len(METRICS) + 2))
+    print("| method | " + " | ".join(METRICS) + " | Δ tail leakage vs ddpm [95% CI] | Δ overlap vs ddpm [95% CI] "
+          "| Δ tail spread vs ddpm [95% CI] |")
+    print("|---|" + "---|" * (len(METRICS) + 3))
     for m in methods:
         cells = []
         for key in METRICS:
             v = np.array([r[key] for r in results[m]])
             cells.append(f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}")
         deltas = []
-        for key in ("tail_leakage", "overlap"):
+        for key in ("tail_leakage", "overlap", "tail_spread"):
             d = paired_seed_difference([r[key] for r in results[m]], [r[key] for r in results["ddpm"]])
             deltas.append("—" if m == "ddpm" else f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
                           + (" *" if d["real"] else ""))

@@ -116,9 +116,10 @@ def _options(overrides: dict) -> dict:
     return opts
 
 
-def _train(loss, x, y, y_np, mode, run: ToyRun, seed: int, schedule, *, init=None, p_uncond=0.1, **inputs):
+def _train(loss, x, y, y_np, mode, run: ToyRun, seed: int, schedule, num_classes: int, *, init=None, p_uncond=0.1,
+           **inputs):
     hp = TrainHParams(lr=run.lr, warmup_steps=50, ema_decay=0.99, ema_warmup=True, p_uncond=p_uncond)
-    net = ToyNet(int(y_np.max()) + 1)
+    net = ToyNet(num_classes)  # every class's label row, also for a source trained on the head only
     if init is not None:
         net.load_state_dict(init.state_dict())
     state = make_train_state(net, hp, seed=seed)
@@ -148,14 +149,17 @@ def train_toy(method: str, data: ToyData, run: ToyRun, seed: int):
     mode = needs.resample or "none"
     p_uncond = 0.1 if needs.conditional else 1.0
     if not needs.source_model:
-        return _train(loss, x, y, y_np, mode, run, seed, schedule, p_uncond=p_uncond), schedule, x_np, y_np
+        net = _train(loss, x, y, y_np, mode, run, seed, schedule, data.num_classes, p_uncond=p_uncond)
+        return net, schedule, x_np, y_np
     part = next(m for m in method_parts(method) if m.source_classes is not None)
     head = part.source_classes(opts[part.section], data.counts)
     keep = np.isin(y_np, head)
     source = _train(make_loss("ddpm", opts, data.counts, T=run.T), x[torch.from_numpy(keep)],
-                    y[torch.from_numpy(keep)], y_np[keep], "none", run, seed, schedule, p_uncond=p_uncond)
+                    y[torch.from_numpy(keep)], y_np[keep], "none", run, seed, schedule, data.num_classes,
+                    p_uncond=p_uncond)
     source.requires_grad_(False)
-    net = _train(loss, x, y, y_np, mode, run, seed, schedule, init=source, p_uncond=p_uncond, source=source)
+    net = _train(loss, x, y, y_np, mode, run, seed, schedule, data.num_classes, init=source, p_uncond=p_uncond,
+                 source=source)
     return net, schedule, x_np, y_np
 
 
