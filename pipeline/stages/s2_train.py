@@ -212,6 +212,10 @@ def _train_chunk(cfg: Config, data: DatasetArtifact, specs: list[TrainSpec],
     name = f"{'-'.join(s.name for s in specs).replace('+', '-')[:80]}-{stable_hash(keys)}"
     jobs = [_job(cfg, data, s, keys[s.name], use_gpu, tune_hooks) for s in todo]
     pending = [j for j in jobs if not _exported(cfg, j.config)]  # ended but not published: not redone
+    for job in jobs:
+        if job.name not in {j.name for j in pending}:  # e.g. its driver was killed between the job's export and the publish
+            log.info("train[%s]: its run had ended (export in %s); publishing it, nothing retrained",
+                     job.name, job.config["out_dir"])
     hooks = tune_hooks or {}
     with (contextlib.nullcontext() if tune_hooks else stage_progress("train")):  # a Tune trial has no terminal
         run_jobs("pipeline.stages.s2_train_loop:train_job", pending, name=name, storage=storage,
