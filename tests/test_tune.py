@@ -4,6 +4,7 @@ plot and a best-config YAML that round-trips into a run."""
 import math
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -166,8 +167,12 @@ def test_guidance_sweep_three_omegas_best_yaml_round_trips(tune_ray, tmp_path):
     rows = result["rows"]
     assert [r["params"]["sample.omega"] for r in rows] == [0.0, 1.0, 2.0]
     assert all(math.isfinite(r["fid"]) and r["images"] == 30 for r in rows)
+    assert all(0 <= r["class_fidelity"] <= 1 and len(r["class_fidelity_per_class"]) == 10 for r in rows)
+    for r in rows:  # the overall rate is the mean of the per-class rates on a balanced set of 3 per class
+        assert r["class_fidelity"] == pytest.approx(np.mean(r["class_fidelity_per_class"]))
     assert (result["dir"] / "fid_vs_omega.png").stat().st_size > 0
     assert "| ddpm |" in (result["dir"] / "results.md").read_text()
+    assert "class_fidelity" in (result["dir"] / "results.md").read_text()
     best_yaml = result["best_yaml"][0]
     best_omega = min(rows, key=lambda r: r["fid"])["params"]["sample.omega"]
     assert run_main(["--config", str(best_yaml), "--dry-run"]) == 0

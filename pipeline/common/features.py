@@ -90,7 +90,9 @@ def check_plain_weights(path: Path) -> None:
 
 
 def domain_weights(cfg: Config, data: DatasetArtifact) -> Path:
-    """Train the domain classifier on the balanced reference split once per dataset; cached."""
+    """Train the domain classifier on the balanced reference split once per dataset; cached. Its seed is
+    the dataset's (data.seed), not the run's: runs of several training seeds share one extractor, so
+    their FIDs are comparable whichever of them trained it."""
     from models.evaluation.features import save_domain_classifier, train_domain_classifier
 
     e = cfg.evaluate
@@ -106,7 +108,7 @@ def domain_weights(cfg: Config, data: DatasetArtifact) -> Path:
     log.info("evaluate: training the domain feature extractor on %d balanced images", len(ref["label"]))
     net, acc, per_class = train_domain_classifier(to_t(ref["image"]), torch.from_numpy(ref["label"]),
                                                   to_t(test["image"]), torch.from_numpy(test["label"]),
-                                                  epochs=e.domain_epochs, seed=cfg.seed, bf16=bf16)
+                                                  epochs=e.domain_epochs, seed=cfg.data.seed, bf16=bf16)
     folder.mkdir(parents=True, exist_ok=True)
     save_domain_classifier(net, folder / "domain.pt.tmp", test_accuracy=acc)
     os.replace(folder / "domain.pt.tmp", weights)
@@ -153,18 +155,23 @@ def load_extractor(weights: str):
 
     from models.evaluation.features import register_domain_extractor
 
-    return tfu.create_feature_extractor(register_domain_extractor(), ["128"], cuda=False, verbose=False,
-                                        feature_extractor_weights_path=weights)
+    return tfu.create_feature_extractor(register_domain_extractor(), ["128", "logits_unbiased"], cuda=False,
+                                        verbose=False, feature_extractor_weights_path=weights)
 
 
 @torch.no_grad()
-def extract(net, images: np.ndarray, batch: int = 1000) -> np.ndarray:
-    """uint8 (N, H, W, C) -> (N, 128) float64 features."""
-    out = []
+def extract(net, images: np.ndarray, batch: int = 1000, *, predictions: bool = False):
+    """uint8 (N, H, W, C) -> (N, 128) float64 features; with `predictions`, also the domain
+    classifier's predicted class per image (N,) int64 (for class fidelity)."""
+    feats, preds = [], []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch])).permute(0, 3, 1, 2)  # (b, C, H, W)
-        out.append(net(x.contiguous())[0].double().numpy())
-    return np.concatenate(out)
+        f, logits = net(x.contiguous())
+        feats.append(f.double().numpy())
+        preds.append(logits.argmax(1).numpy())
+    if predictions:
+        return np.concatenate(feats), np.concatenate(preds).astype(np.int64)
+    return np.concatenate(feats)
 
 
 def balanced_plan(num_classes: int, images: int, seed: int, tag: str) -> tuple[np.ndarray, np.ndarray]:

@@ -169,9 +169,11 @@ def _sample_sweep(base: Config, space: SearchSpace, out: Path, checkpoints, over
         space = SearchSpace(**{**space.__dict__, "num_samples": num_samples})
     rows = run_sample_sweep(found, space, images or space.images, seed=base.seed)
     extractor = next(iter(found.values()))[2]["extractor"]["extractor"]
-    write_table(rows, list(space.space), out, ["fid_many", "fid_medium", "fid_few", "images", "seconds"],
+    write_table(rows, list(space.space), out, ["fid_many", "fid_medium", "fid_few", "class_fidelity", "images",
+                                               "seconds"],
                 f"Sweep **{space.name}**: FID of {images or space.images} class-balanced samples per point "
-                f"({extractor} features, reference = balanced set; groups: thirds by training count); best first.")
+                f"({extractor} features, reference = balanced set; groups: thirds by training count; class "
+                f"fidelity = the share the domain classifier recognises as their class); best first.")
     plot_sample_sweep(rows, out, extractor)
     best, yamls = {}, []
     for label, (weights, cfg, _) in found.items():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.evaluation.artefacts import class_fidelity
 from models.evaluation.metrics import frechet_distance
 from models.evaluation.summary import group_fids
 from pipeline.tuning.space import SearchSpace, point_config, sample_points
@@ -21,7 +22,8 @@ log = logging.getLogger("taildiff.tune")
 
 
 class GuidanceWorker:
-    """Holds one model and the extractor; `run(point)` -> (features, labels, seconds)."""
+    """Holds one model and the extractor; `run(point)` -> (features, labels, the extractor's predicted
+    classes, seconds)."""
 
     def __init__(self, weights: str, extractor_weights: str, images: int, threads: int):
         import torch
@@ -36,7 +38,7 @@ class GuidanceWorker:
         self.extractor = load_extractor(extractor_weights)
         self.labels, self.seeds = balanced_plan(len(self.manifest["class_names"]), images, self.cfg.seed, "guidance")
 
-    def run(self, sample: dict) -> tuple[np.ndarray, np.ndarray, float]:
+    def run(self, sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         from pipeline.common.features import extract, generate_images
         from pipeline.common.generation import build_denoiser
 
@@ -46,7 +48,8 @@ class GuidanceWorker:
         images = generate_images(self.net, self.schedule, self.manifest, self.cfg.model.image_size, self.labels,
                                  self.seeds, sampler=sample["sampler"], steps=sample["steps"], eta=sample["eta"],
                                  batch_size=sample["batch_size"], denoiser=denoiser)
-        return extract(self.extractor, images), self.labels, time.perf_counter() - started
+        feats, predicted = extract(self.extractor, images, predictions=True)
+        return feats, self.labels, predicted, time.perf_counter() - started
 
 
 def run_sample_sweep(checkpoints: dict[str, tuple], space: SearchSpace, images: int, num_actors: int | None = None,
@@ -69,14 +72,18 @@ def run_sample_sweep(checkpoints: dict[str, tuple], space: SearchSpace, images: 
         counts = ref.get("class_counts")
         started = time.perf_counter()
         for point, cfg, future in zip(points, cfgs, futures):
-            feats, labels, seconds = ray.get(future)
+            feats, labels, predicted, seconds = ray.get(future)
             feats, labels = np.array(feats), np.array(labels)  # writable copies out of the object store
+            fidelity = class_fidelity(np.array(predicted), labels, int(labels.max()) + 1)
             row = {"checkpoint": label, "params": point, "fid": frechet_distance(feats, ref_feats),
+                   "class_fidelity": fidelity["all"]["rate"],
+                   "class_fidelity_per_class": [c and c["rate"] for c in fidelity["per_class"]],
                    "images": len(feats), "seconds": round(seconds, 2), "weights": weights}
             if counts:
                 fids = group_fids(feats, labels, ref_feats, ref_labels, counts, "thirds")
                 row.update({f"fid_{group}": value for group, value in fids.items()})
-            log.info("tune[%s] %s %s: FID %.3f (%.1f s)", space.name, label, point, row["fid"], seconds)
+            log.info("tune[%s] %s %s: FID %.3f, class fidelity %.1f%% (%.1f s)", space.name, label, point, row["fid"],
+                     100 * row["class_fidelity"], seconds)
             rows.append(row)
         log.info("tune[%s] %s: %d points in %.1f s on %d actor(s)", space.name, label, len(points),
                  time.perf_counter() - started, n)
