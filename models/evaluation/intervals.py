@@ -65,18 +65,27 @@ def bootstrap_indices(n: int, replicates: int, seed: int, strata: np.ndarray | N
     return out
 
 
-def percentile_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+def percentile_interval(values: Sequence[float], level: float = 0.95, point: float | None = None) -> tuple[float, float]:
+    """The `level` percentile interval of bootstrap replicates. With `point` (the statistic on the set
+    itself) the replicates are first re-centred on it (θ* − mean θ* + θ̂): a resample holds ~63% distinct
+    images, so a statistic biased by the sample size (FID, whose bias grows as 1/n) sits higher on the
+    replicates than on the set; uncentred, the interval then lies above the point estimate and misses
+    E[FID at n images] (measured: 43% coverage at nominal 95%, centred 95%; tests/test_study.py)."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if not len(v):
         return float("nan"), float("nan")
+    if point is not None and np.isfinite(point):
+        v = v - v.mean() + point
     lo, hi = np.quantile(v, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
 
 
 def bootstrap_metric(metric: Callable[[np.ndarray], float], n: int, replicates: int = 200, seed: int = 0,
                      strata: np.ndarray | None = None) -> tuple[float, float]:
-    """95% percentile interval of `metric(indices)` over bootstrap resamples of the n images."""
-    return percentile_interval([metric(idx) for idx in bootstrap_indices(n, replicates, seed, strata)])
+    """95% bootstrap interval of `metric(indices)` over resamples of the n images, centred on the
+    metric of the whole set (percentile_interval)."""
+    return percentile_interval([metric(idx) for idx in bootstrap_indices(n, replicates, seed, strata)],
+                               point=metric(np.arange(n)))
 
 
 def fid_interval(gen_feats: np.ndarray, ref_stats: tuple, replicates: int = 200, seed: int = 0,
@@ -97,7 +106,7 @@ def paired_fid_difference(feats_a: np.ndarray, feats_b: np.ndarray, ref_stats: t
     fid = lambda f: frechet_from_stats(*gaussian_stats(f), mu_r, sigma_r)  # noqa: E731
     point = fid(feats_a) - fid(feats_b)
     diffs = [fid(feats_a[idx]) - fid(feats_b[idx]) for idx in bootstrap_indices(len(feats_a), replicates, seed, strata)]
-    lo, hi = percentile_interval(diffs)
+    lo, hi = percentile_interval(diffs, point=point)
     return {"difference": point, "low": lo, "high": hi, "real": excludes_zero(lo, hi)}
 
 

@@ -61,7 +61,8 @@ def diversity_metrics(gen_feats: np.ndarray, gen_labels: np.ndarray, ref: np.nda
         dist = ClassDistances(gen_feats, gen_labels, C)
         draws = [dist.diversity(i) for i in bootstrap_indices(len(gen_labels), bootstrap, seed, strata=gen_labels)]
         for group, classes in [*groups.items(), ("all", range(C))]:
-            out[f"{group}_interval"] = list(percentile_interval([group_mean(d, classes) for d in draws]))
+            out[f"{group}_interval"] = list(percentile_interval([group_mean(d, classes) for d in draws],
+                                                                point=out[group]))
     return out
 
 

@@ -100,7 +100,7 @@ def generation_table(sets: dict, ref: dict, baseline: str, replicates: int, seed
                                                (7, None if div is None or base_div is None else div - base_div, d_div, 3)):
                 if point is None:
                     continue
-                a, b = percentile_interval(values)
+                a, b = percentile_interval(values, point=point)
                 cells[pos] = f"{point:+.{digits}f} [{a:+.{digits}f}, {b:+.{digits}f}]" + (" *" if a > 0 or b < 0 else "")
         elif name != baseline:
             cells[1] = cells[3] = cells[5] = cells[7] = "not paired (other seeds)"

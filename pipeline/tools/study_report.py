@@ -71,7 +71,7 @@ def paired_generation(cfg, evaluations: dict, baseline: str = "ddpm", replicates
         reps = np.array([np.subtract(fids(sets[a], i), fids(sets[b], i)) for i in idx])
         out[f"{a} - {b}"] = {}
         for j, key in enumerate(("fid", "fid_few", "class_fidelity")):
-            lo, hi = percentile_interval(reps[:, j])
+            lo, hi = percentile_interval(reps[:, j], point=float(point[j]))
             out[f"{a} - {b}"][key] = {"difference": float(point[j]), "low": lo, "high": hi,
                                       "real": bool(lo > 0 or hi < 0)}
     return out
