@@ -208,3 +208,28 @@ def test_pcg_is_the_ddpm_loss_plus_the_guidance_and_plans_its_feature_network(ma
     tuned = plan_specs(make_config("digits_lt", "train.methods=[ddpm,pcg]", "train.init_from=ddpm"), data)
     assert [[s.name for s in w] for w in tuned] == [["ddpm", "pcg-features"], ["pcg"]]
     assert tuned[1][0].init == "ddpm" and tuned[1][0].source is None
+
+
+def test_run_keys_hold_only_what_shapes_each_model(make_config, tmp_path):
+    """A λ sweep retrains the target only; s (a sampling knob) retrains nothing; the feature network's
+    knobs retrain the feature network only; the head choice retrains the source (and so the target)."""
+    from pipeline.common.artifacts import DatasetArtifact
+    from pipeline.stages.s2_train import plan_specs, run_key
+
+    data = DatasetArtifact(tmp_path, {"class_names": list("abcd"), "class_counts": [40, 20, 5, 3],
+                                      "image_shape": [8, 8, 1], "config_hash": "x"}, False)
+
+    def keys(*sets):
+        cfg = make_config("digits_lt", "train.methods=[diffrc_cfg]", *sets)
+        weights = cfg.run_dir / "train" / "diffrc_cfg-source" / "model.pt"  # the target's key stamps its source
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        weights.write_bytes(b"source")
+        return {s.name: run_key(cfg, data, s) for wave in plan_specs(cfg, data) for s in wave}
+
+    base = keys()
+    assert set(base) == {"diffrc_cfg-source", "diffrc_cfg-features", "diffrc_cfg"}
+    changed = lambda other: {n for n in base if other[n] != base[n]}  # noqa: E731
+    assert changed(keys("diffrc.lam=0.1")) == {"diffrc_cfg"}
+    assert changed(keys("diffrc.guidance_scale=0.6")) == set()
+    assert changed(keys("diffrc.temperature=0.1")) == {"diffrc_cfg-features"}
+    assert "diffrc_cfg-source" in changed(keys("diffrc.head=threshold", "diffrc.head_threshold=10"))

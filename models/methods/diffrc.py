@@ -65,6 +65,14 @@ class DiffRCOptions:
     source_steps: Optional[int] = None  # the source model's steps (None = train.steps)
     pair_reduction: str = "mean"  # (open) mean over the contributing samples | sum (Eq. 9 as printed: 42× the mean here at B = 64)
 
+    def trained_fields(self, kind: str) -> tuple[str, ...]:
+        """The fields that shape a trained model of `kind` (its run key; pipeline/stages/s2_train.py):
+        a λ sweep or a new default s retrains neither the feature network nor the target. The source
+        model is a plain DDPM on the head classes (its key holds the classes, not this section)."""
+        if kind == "features":  # f and its prototypes (Eq. 11-12); feature_steps is a step count
+            return ("prototype_momentum", "temperature", "feature_dim", "feature_ch", "feature_lr")
+        return ("head", "head_threshold", "lam", "gamma", "pair_reduction")  # the target's loss (Eq. 7-10)
+
     def validate(self) -> None:
         if self.pair_reduction not in ("mean", "sum"):
             raise ValueError(f"diffrc.pair_reduction={self.pair_reduction!r}: use mean (over the contributing "

@@ -92,7 +92,7 @@ def plan_specs(cfg: Config, data: DatasetArtifact) -> list[list[TrainSpec]]:
             seen = tuple(part.source_classes(getattr(cfg, part.section), data.manifest["class_counts"]))
             source = f"{method}-source"
             first.append(TrainSpec(source, "ddpm", needs.source_steps or cfg.train.steps, classes=seen,
-                                   conditional=needs.conditional, section=part.section))
+                                   conditional=needs.conditional))
         if needs.guidance:  # its feature network trains on the LT set, independently of the diffusion model
             options = cfg.method_options()
             guided = next(m for m in method_parts(method) if m.needs(options.get(m.section)).guidance)
@@ -151,10 +151,18 @@ def run_key(cfg: Config, data: DatasetArtifact, spec: TrainSpec) -> str:
     payload = {"data": data.manifest["config_hash"], "resample": dataclasses.asdict(spec_resample(cfg, spec)),
                "model": dataclasses.asdict(cfg.model), "train": train, "seed": cfg.seed, "spec":
                dataclasses.asdict(dataclasses.replace(spec, steps=0, init=None, source=None))}
-    payload.update({name: dataclasses.asdict(getattr(cfg, name)) for name in sorted(sections)})
+    payload.update({name: _trained_fields(getattr(cfg, name), spec.kind) for name in sorted(sections)})
     payload["init_weights"] = _stamp(weights_path(cfg, spec.init))  # by content stamp, not by name
     payload["source_weights"] = _stamp(weights_path(cfg, spec.source))
     return stable_hash(payload)
+
+
+def _trained_fields(options, kind: str) -> dict:
+    """A method section's fields that shape a model of `kind`: all of them, unless its options
+    dataclass names them (`trained_fields(kind)`, e.g. DiffRC's sampling-time s is not among them)."""
+    fields = dataclasses.asdict(options)
+    keep = getattr(options, "trained_fields", None)
+    return fields if keep is None else {k: fields[k] for k in keep(kind)}
 
 
 def _artifact_file(spec: TrainSpec) -> str:
