@@ -86,7 +86,8 @@ def run_tune(base: Config, space: SearchSpace, *, name: str | None = None, num_s
         result = _sample_sweep(base, space, out, checkpoints or [], overrides or [], images, num_samples)
     result["seconds"] = round(time.perf_counter() - started, 1)
     summary = {"space": space.__dict__, "name": name, "seconds": result["seconds"], "best": result["best"],
-               "best_yaml": [str(p) for p in result["best_yaml"]], "trials": len(result["rows"])}
+               "best_yaml": [str(p) for p in result["best_yaml"]], "trials": len(result["rows"]),
+               "rows": result["rows"]}  # every point's numbers (a sample sweep's per-class fidelity included)
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
     log.info("tune[%s]: %d rows in %.1f s -> %s", name, len(result["rows"]), result["seconds"], out)
     return result
