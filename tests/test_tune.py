@@ -1,6 +1,7 @@
 """Tune sweeps: every space file samples valid configs, bad spaces fail with one line, a 2-trial
 training sweep with an early-stopped trial leaks no CPUs, a 3-value ω sweep writes its table,
 plot and a best-config YAML that round-trips into a run."""
+import json
 import math
 import time
 
@@ -173,6 +174,8 @@ def test_guidance_sweep_three_omegas_best_yaml_round_trips(tune_ray, tmp_path):
     assert (result["dir"] / "fid_vs_omega.png").stat().st_size > 0
     assert "| ddpm |" in (result["dir"] / "results.md").read_text()
     assert "class_fidelity" in (result["dir"] / "results.md").read_text()
+    kept = json.loads((result["dir"] / "sweep.json").read_text())["rows"]
+    assert [r["class_fidelity_per_class"] for r in kept] == [r["class_fidelity_per_class"] for r in rows]
     best_yaml = result["best_yaml"][0]
     best_omega = min(rows, key=lambda r: r["fid"])["params"]["sample.omega"]
     assert run_main(["--config", str(best_yaml), "--dry-run"]) == 0
