@@ -18,7 +18,7 @@ def _gaussian_set(rng, shift: float, labels: np.ndarray) -> np.ndarray:
     return centres[labels] + shift + rng.normal(size=(len(labels), DIM))
 
 
-def _write_run(tmp_path, name: str, methods: dict[str, float], seed_offset: int = 0):
+def _write_run(tmp_path, name: str, methods: dict[str, float], seed_offset: int = 0, noise: int = 0):
     rng = np.random.default_rng(0)
     ref_labels = np.repeat(np.arange(C), 200)
     run = tmp_path / name
@@ -30,7 +30,7 @@ def _write_run(tmp_path, name: str, methods: dict[str, float], seed_offset: int 
     for method, shift in methods.items():
         folder = run / "evaluation" / method
         folder.mkdir()
-        feats = _gaussian_set(np.random.default_rng(len(method)), shift, labels)
+        feats = _gaussian_set(np.random.default_rng(len(method) + 100 * noise), shift, labels)
         logits = np.eye(C)[labels] * (1.0 if shift < 1 else 0.0)  # a shifted set "fails" fidelity (argmax 0)
         order = np.random.default_rng(1).permutation(len(labels))  # files need not be in key order
         np.savez(folder / "features.npz", feats=feats[order], logits=logits[order], label=labels[order],
@@ -79,3 +79,24 @@ def test_diversity_column_is_paired_and_a_collapsed_set_is_less_diverse(tmp_path
     assert float(cells[7]) < 1.5 and cells[8].startswith("-") and cells[8].endswith("*")
     ddpm = next(line for line in text.splitlines() if line.startswith("| ddpm |"))
     assert float([c.strip() for c in ddpm.strip("|").split("|")][7]) == pytest.approx(4.0, rel=0.2)  # √(2·8)
+
+
+def test_over_seeds_gives_a_t_interval_over_runs(tmp_path):
+    """Three training seeds (other noise per run): CBDM's shift is a real ΔFID over runs, DDPM against
+    itself has no row of differences; one run or runs on other references are refused in one line."""
+    runs = [_write_run(tmp_path, f"s{i}", {"ddpm": 0.0, "cbdm": 2.0, "t2h": 0.0}, noise=i) for i in range(3)]
+    text = compare(runs, over_seeds=True)
+    assert "Over training seeds: 3 runs" in text
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    assert set(rows) == {"ddpm", "cbdm", "t2h"} and rows["ddpm"][3] == "—"
+    assert rows["cbdm"][3].startswith("+") and "*" in rows["cbdm"][3] and rows["cbdm"][3].count("/") == 2
+    assert "*" not in rows["t2h"][3]  # the same distribution as DDPM: no difference over seeds
+    with pytest.raises(TaildiffError, match="two or more runs"):
+        compare(runs[:1], over_seeds=True)
+    other = _write_run(tmp_path, "other", {"ddpm": 0.0})
+    blob = dict(np.load(other / "evaluation" / "reference_stats.npz"))
+    blob["all_mu"] = blob["all_mu"] + 1.0
+    np.savez(other / "evaluation" / "reference_stats.npz", **blob)
+    with pytest.raises(TaildiffError, match="other reference statistics"):
+        compare([runs[0], other], over_seeds=True)

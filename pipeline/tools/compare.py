@@ -11,6 +11,7 @@ paired by seed with its t-interval. A difference is marked real (*) only when it
 excludes 0.
 
     python pipeline/run.py compare outputs/runs/fmnist_lt [more runs] [--baseline ddpm] [--arm-baseline ce]
+    python pipeline/run.py compare --over-seeds outputs/runs/rcref outputs/runs/rcref_s1   # training seeds
 """
 from __future__ import annotations
 
@@ -108,6 +109,53 @@ def generation_table(sets: dict, ref: dict, baseline: str, replicates: int, seed
     return lines
 
 
+def seeds_table(run_dirs: list[Path], baseline: str) -> list[str]:
+    """`--over-seeds`: each run is one training seed of the same methods (e.g. `--set seed=1`). Per run,
+    each method's FID, few-group FID and class fidelity and its difference from the run's `baseline`;
+    then mean ± std over the runs and the 95% t-interval of the difference over seeds (* = excludes 0).
+    The image-bootstrap intervals of one run hold the training noise fixed; this one does not."""
+    from models.evaluation.intervals import frechet_from_stats, gaussian_stats, mean_interval, paired_seed_difference
+
+    per_run = []
+    for run in run_dirs:
+        sets, ref = load_sets([run])
+        few = ref["few_classes"]
+        if per_run and not np.allclose(ref["all_mu"], per_run[0][1]):
+            raise TaildiffError(f"{run} has other reference statistics than {run_dirs[0]} (another dataset or "
+                                "extractor): --over-seeds compares runs of one dataset")
+        values = {}
+        for name, s in sets.items():
+            mask = np.isin(s["label"], few)
+            values[name] = {"fid": frechet_from_stats(*gaussian_stats(s["feats"]), ref["all_mu"], ref["all_sigma"]),
+                            "fid_few": frechet_from_stats(*gaussian_stats(s["feats"][mask]), ref["few_mu"],
+                                                          ref["few_sigma"]),
+                            "fidelity": 100 * float((s["logits"].argmax(1) == s["label"]).mean())}
+        per_run.append((values, ref["all_mu"]))
+    runs = [v for v, _ in per_run]
+    if any(baseline not in v for v in runs):
+        raise TaildiffError(f"--baseline {baseline} is not evaluated in every run given to --over-seeds")
+    methods = [m for m in runs[0] if all(m in v for v in runs)]
+    lines = [f"Over training seeds: {len(runs)} runs ({', '.join(r.name for r in run_dirs)}), one value per run; "
+             f"mean ± std over runs, Δ against **{baseline}** of the same run with a 95% t-interval over runs "
+             "(* = excludes 0; with 2 runs the interval is wide: df = 1).", "",
+             "| method | runs | FID | ΔFID | FID few | ΔFID few | class fidelity % | Δ fidelity pp |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        cells = [str(len(runs))]
+        for key in ("fid", "fid_few", "fidelity"):
+            v = mean_interval([r[m][key] for r in runs])
+            cells.append(f"{v['mean']:.2f} ± {v['std']:.2f}")
+            if m == baseline:
+                cells.append("—")
+                continue
+            d = paired_seed_difference([r[m][key] for r in runs], [r[baseline][key] for r in runs])
+            per = " / ".join(f"{r[m][key] - r[baseline][key]:+.2f}" for r in runs)
+            cells.append(f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]" + (" *" if d["real"] else "")
+                         + f" (per run {per})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def classify_table(run_dirs: list[Path], arm_baseline: str) -> list[str]:
     from models.evaluation.intervals import mean_interval, paired_seed_difference
 
@@ -142,7 +190,11 @@ def classify_table(run_dirs: list[Path], arm_baseline: str) -> list[str]:
 
 
 def compare(run_dirs: list[Path], baseline: str | None = None, arm_baseline: str = "ce", replicates: int = 200,
-            seed: int = 0) -> str:
+            seed: int = 0, over_seeds: bool = False) -> str:
+    if over_seeds:
+        if len(run_dirs) < 2:
+            raise TaildiffError("--over-seeds needs two or more runs (one per training seed)")
+        return "\n".join(seeds_table(run_dirs, baseline or "ddpm")) + "\n"
     sets, ref = load_sets(run_dirs)
     # default: the DDPM (of the first run that has one), the baseline every long-tail method is judged against
     base = baseline or next((n for n in sets if n.split(":")[-1] == "ddpm"), next(iter(sets)))
@@ -161,6 +213,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--baseline", default=None, help="the method to compare against (default: ddpm where evaluated, else the first)")
     parser.add_argument("--arm-baseline", default="ce", help="the classifier arm to compare against")
     parser.add_argument("--replicates", type=int, default=200)
+    parser.add_argument("--over-seeds", action="store_true",
+                        help="the runs are training seeds of the same methods: Δ per run, then a t-interval over runs")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     try:
@@ -168,7 +222,7 @@ def main(argv: list[str]) -> int:
         missing = [str(r) for r in runs if not r.is_dir()]
         if missing:
             raise TaildiffError(f"no run folder {', '.join(missing)}: give outputs/runs/<name> folders")
-        text = compare(runs, args.baseline, args.arm_baseline, args.replicates)
+        text = compare(runs, args.baseline, args.arm_baseline, args.replicates, over_seeds=args.over_seeds)
     except TaildiffError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
