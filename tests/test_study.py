@@ -85,6 +85,35 @@ def test_bootstrap_fid_interval_covers_the_truth_and_a_set_against_itself_is_zer
     assert all((np.bincount(strata[i], minlength=4) == 100).all() for i in idx)  # a balanced set stays balanced
 
 
+def test_a_method_with_its_own_source_gets_the_equal_total_budget_and_its_classifier_arm():
+    """DiffRC trains a head-class source from scratch, so the study gives it source + target =
+    train.steps + train.finetune_steps (every other method's DDPM + fine-tune), in a run of its own;
+    its classifier arm is kept whatever its FID (study.classify_always)."""
+    from types import SimpleNamespace
+
+    from pipeline.config import load_config
+    from pipeline.tools.study import classify_methods, own_source_runs
+
+    cfg = load_config(REPO / "configs" / "fmnist_lt_study.yaml", [])
+    runs = own_source_runs(cfg)
+    assert [ms for _, ms in runs] == [("diffrc_cfg",)]
+    own = runs[0][0]
+    assert own.name == "fmnist_lt_study-own" and own.train.init_from is None
+    assert cfg.diffrc.source_steps + own.train.finetune_steps == cfg.train.steps + cfg.train.finetune_steps == 2400
+    assert own_source_runs(load_config(REPO / "configs" / "fmnist_lt_study.yaml",
+                                       ["study.methods=[ddpm,cbdm]"])) == []
+
+    def ev(few):
+        return SimpleNamespace(metrics={"fid_thirds_few": few})
+
+    evaluations = {"ddpm": ev(9.0), "cbdm": ev(8.0), "rs": ev(5.0), "t2h": ev(7.0), "diffrc_cfg": ev(20.0)}
+    assert classify_methods(cfg.study, evaluations) == ["ddpm", "rs", "t2h", "cbdm", "diffrc_cfg"]
+    evaluations["diffrc_cfg"] = ev(1.0)  # already among the best: listed once
+    assert classify_methods(cfg.study, evaluations) == ["ddpm", "diffrc_cfg", "rs", "t2h"]
+    del evaluations["diffrc_cfg"]  # not in this study: nothing to classify
+    assert classify_methods(cfg.study, evaluations) == ["ddpm", "rs", "t2h", "cbdm"]
+
+
 TINY = ["model.image_size=8", "train.steps=12", "train.finetune_steps=6", "train.batch_size=16", "train.log_every=6",
         "train.checkpoint_every=6", "train.bf16=false", "sample.per_class=6", "sample.steps=3", "sample.batch_size=60",
         "sample.bf16=false", "classify.epochs=1", "classify.batch_size=64", "classify.baselines=[ce]",

@@ -157,7 +157,8 @@ class StudyConfig:
     equal_compute: tuple = ("cbdm", "diffrop", "cbdm+diffrop")  # also at finetune_steps / their training cost
     omega_grid: tuple = (0.5, 1.0, 2.0, 3.0)  # ω chosen per model on a held-out set ...
     omega_images: int = 200  # ... of this many images with their own seeds
-    classify_top: int = 3  # real + synthetic arms for DDPM and the best methods by few-group FID
+    classify_top: int = 3  # real + synthetic arms for DDPM and the best methods by few-group FID ...
+    classify_always: tuple = ("diffrc_cfg",)  # ... and these whatever their FID (DiffRC's claim is a classifier's)
     results_dir: str = "results/fmnist_lt"
 
 

@@ -5,13 +5,16 @@ would accept, in one resumable command.
    trained here as run `<name>-base`);
 2. every method of `study.methods` fine-tuned from it for the same `train.finetune_steps` (DDPM
    itself continued for the same steps), and the methods of `study.equal_compute` again at the
-   steps their cost allows (run `<name>-eqc`: CBDM's two forwards get half the steps);
+   steps their cost allows (run `<name>-eqc`: CBDM's two forwards get half the steps); a method that
+   trains its own source model (DiffRC: a DDPM on the head classes) gets the same total budget
+   instead, source + target = train.steps + train.finetune_steps (run `<name>-own`);
 3. ω per model from a held-out sampling sweep (`study.omega_grid`, `study.omega_images` images
    drawn from their own seeds, never the reported ones);
 4. the evaluation set of every model (`sample.per_class` × classes images, the same per-image
    seeds for every model: paired) and its metrics with bootstrap intervals;
 5. the classify stage with `classify.seeds` seeds per arm: the classifier-only baselines and real +
-   synthetic arms of DDPM and the `study.classify_top` best methods by few-group FID;
+   synthetic arms of DDPM, the `study.classify_top` best methods by few-group FID and
+   `study.classify_always`;
 6. `study.results_dir`: results.json (every number with its interval, the config, the commit),
    table.md (the paired comparison and one line per paper claim: reproduced / not reproduced /
    inconclusive), and the figures.
@@ -63,6 +66,26 @@ def base_model(cfg: Config, data) -> Path:
     if not path.is_file():
         raise TaildiffError(f"study.base={s.base}: no DDPM weights at {path}; give a model.pt or a run name")
     return path.resolve()
+
+
+def own_source_runs(cfg: Config) -> list[tuple[Config, tuple]]:
+    """The study's methods that train their own source model, as runs at the equal total budget.
+
+    Every other method gets train.steps (the shared DDPM) + train.finetune_steps; such a method gets
+    the same: its source's `source_steps` + a target of the rest (at least 1), in run `<name>-own`."""
+    from models.methods.registry import method_needs
+
+    options = cfg.method_options()
+    budget = cfg.train.steps + (cfg.train.finetune_steps or 0)
+    groups: dict[int, list] = {}
+    for m in cfg.study.methods:
+        needs = method_needs(m, options)
+        if needs.source_model:
+            target = max(1, budget - (needs.source_steps or cfg.train.steps))
+            groups.setdefault(target, []).append(m)
+    return [(_replace(cfg, name=f"{cfg.name}-own" + (f"{target}" if len(groups) > 1 else ""),
+                      train={"methods": tuple(ms), "init_from": None, "finetune_steps": target}), tuple(ms))
+            for target, ms in sorted(groups.items())]
 
 
 def choose_omegas(cfg: Config, data, models: dict) -> dict:
@@ -126,8 +149,15 @@ def run_study(cfg: Config) -> dict:
         init_ray()
         data = run_data(cfg)
         base = base_model(cfg, data)
-        ft = _replace(cfg, train={"methods": tuple(s.methods), "init_from": str(base)})
+        timings = {}
+        own = own_source_runs(cfg)
+        owned = {m for _, ms in own for m in ms}
+        ft = _replace(cfg, train={"methods": tuple(m for m in s.methods if m not in owned), "init_from": str(base)})
         models = run_train(ft, data)
+        for own_cfg, _ in own:
+            models.update(run_train(own_cfg, data))
+        models = {m: models[m] for m in s.methods}
+        timings["train"] = time.perf_counter() - started
         eqc_models = {}
         for cost in sorted({forward_cost(m, cfg) for m in s.equal_compute}):
             group = tuple(m for m in s.equal_compute if forward_cost(m, cfg) == cost)
@@ -136,21 +166,32 @@ def run_study(cfg: Config) -> dict:
                            train={"methods": group, "init_from": str(base), "finetune_steps": steps})
             for m, art in run_train(eqc, data).items():
                 eqc_models[f"{m}@{steps}steps"] = (eqc, art)
+        timings["train_equal_compute"] = time.perf_counter() - started - sum(timings.values())
         omegas = choose_omegas(ft, data, models)
+        timings["omega_sweep"] = time.perf_counter() - started - sum(timings.values())
         evaluations = evaluate_models(ft, data, models, omegas)
         eqc_evals = {}
         for label, (eqc, art) in eqc_models.items():
             omega = choose_omegas(eqc, data, {art.method: art})[art.method]
             omegas[label] = omega
             eqc_evals[label] = evaluate_models(eqc, data, {art.method: art}, {art.method: omega})[art.method]
-        few = {m: e.metrics["fid_thirds_few"] for m, e in evaluations.items() if m != "ddpm"}
-        top = sorted(few, key=few.get)[:s.classify_top]
-        cls = _replace(ft, classify={"methods": tuple(["ddpm"] + top)})
-        classifiers = run_classify(cls, data, {m: models[m] for m in ["ddpm"] + top}, omegas=omegas)
+        timings["sample_evaluate"] = time.perf_counter() - started - sum(timings.values())
+        top = classify_methods(s, evaluations)
+        cls = _replace(ft, classify={"methods": tuple(top)})
+        classifiers = run_classify(cls, data, {m: models[m] for m in top}, omegas=omegas)
+        timings["classify"] = time.perf_counter() - started - sum(timings.values())
         seconds = time.perf_counter() - started
     from pipeline.tools.study_report import write_results
 
-    return write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, top, seconds)
+    return write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, top[1:], seconds,
+                         timings=timings)
+
+
+def classify_methods(s, evaluations: dict) -> list[str]:
+    """DDPM, the `classify_top` best by few-group FID, then `classify_always` (those evaluated), no repeats."""
+    few = {m: e.metrics["fid_thirds_few"] for m, e in evaluations.items() if m != "ddpm"}
+    chosen = ["ddpm"] + sorted(few, key=few.get)[:s.classify_top]
+    return chosen + [m for m in s.classify_always if m in evaluations and m not in chosen]
 
 
 def main(argv: list[str]) -> int:

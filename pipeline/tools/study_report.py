@@ -114,7 +114,8 @@ def classifier_differences(classifiers: dict, summary: dict, baselines: list[str
     return out
 
 
-def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, top, seconds) -> dict:
+def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, top, seconds,
+                  timings: dict | None = None) -> dict:
 
     out = Path(cfg.study.results_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,8 @@ def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas
     synthetic = [a for a in summary if a.startswith("syn-")]
     best_syn = max(synthetic, key=lambda a: summary[a]["accuracy"]["mean"]) if synthetic else None
     results = {
-        "commit": git_commit(), "config": cfg.to_dict(), "seconds": round(seconds, 1), "omegas": omegas,
+        "commit": git_commit(), "config": cfg.to_dict(), "seconds": round(seconds, 1),
+        "seconds_by_phase": {k: round(v, 1) for k, v in (timings or {}).items()}, "omegas": omegas,
         "classify_methods": ["ddpm"] + list(top), "dataset": data.manifest["class_counts"],
         "generation": {m: as_json(e.metrics) for m, e in evaluations.items()},
         "generation_equal_compute": {m: as_json(e.metrics) for m, e in eqc_evals.items()},
@@ -170,6 +172,12 @@ def _fmt(d: dict | None) -> str:
     return f"{d['difference']:+.2f}{ci}"
 
 
+def _phases(timings: dict | None) -> str:
+    if not timings:
+        return ""
+    return " (" + ", ".join(f"{k.replace('_', ' ')} {v / 60:.0f}" for k, v in timings.items()) + " min)"
+
+
 def table(cfg, results: dict, best_syn: str | None) -> str:
     gen, paired = results["generation"], results["paired_generation"]
     n = next(iter(gen.values()))["num_samples"]
@@ -178,7 +186,8 @@ def table(cfg, results: dict, best_syn: str | None) -> str:
              f"{n} evaluation images per method, the same per-image seeds for every method (paired); ω per method "
              f"from a held-out sweep over {list(cfg.study.omega_grid)} ({cfg.study.omega_images} images, own seeds); "
              f"domain features; 95% intervals: bootstrap over images (FID), Wilson (rates), t over "
-             f"{cfg.classify.seeds} seeds (classifiers). Wall time {results['seconds'] / 60:.0f} min on this machine.",
+             f"{cfg.classify.seeds} seeds (classifiers). Wall time {results['seconds'] / 60:.0f} min on this machine"
+             + _phases(results.get("seconds_by_phase")) + ".",
              "", "## Generation", "",
              "| method | ω | FID | FID many | FID medium | FID few | Δ FID vs ddpm | Δ FID few vs ddpm | class fidelity % "
              "| fidelity few % | memorised | speckled % |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
