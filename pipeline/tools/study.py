@@ -150,6 +150,10 @@ def run_study(cfg: Config) -> dict:
         data = run_data(cfg)
         base = base_model(cfg, data)
         timings = {}
+
+        def lap(phase: str) -> None:  # the seconds since the previous phase ended
+            timings[phase] = time.perf_counter() - started - sum(timings.values())
+
         own = own_source_runs(cfg)
         owned = {m for _, ms in own for m in ms}
         ft = _replace(cfg, train={"methods": tuple(m for m in s.methods if m not in owned), "init_from": str(base)})
@@ -157,7 +161,7 @@ def run_study(cfg: Config) -> dict:
         for own_cfg, _ in own:
             models.update(run_train(own_cfg, data))
         models = {m: models[m] for m in s.methods}
-        timings["train"] = time.perf_counter() - started
+        lap("train")
         eqc_models = {}
         for cost in sorted({forward_cost(m, cfg) for m in s.equal_compute}):
             group = tuple(m for m in s.equal_compute if forward_cost(m, cfg) == cost)
@@ -166,24 +170,24 @@ def run_study(cfg: Config) -> dict:
                            train={"methods": group, "init_from": str(base), "finetune_steps": steps})
             for m, art in run_train(eqc, data).items():
                 eqc_models[f"{m}@{steps}steps"] = (eqc, art)
-        timings["train_equal_compute"] = time.perf_counter() - started - sum(timings.values())
+        lap("train_equal_compute")
         omegas = choose_omegas(ft, data, models)
-        timings["omega_sweep"] = time.perf_counter() - started - sum(timings.values())
+        lap("omega_sweep")
         evaluations = evaluate_models(ft, data, models, omegas)
         eqc_evals = {}
         for label, (eqc, art) in eqc_models.items():
             omega = choose_omegas(eqc, data, {art.method: art})[art.method]
             omegas[label] = omega
             eqc_evals[label] = evaluate_models(eqc, data, {art.method: art}, {art.method: omega})[art.method]
-        timings["sample_evaluate"] = time.perf_counter() - started - sum(timings.values())
-        top = classify_methods(s, evaluations)
-        cls = _replace(ft, classify={"methods": tuple(top)})
-        classifiers = run_classify(cls, data, {m: models[m] for m in top}, omegas=omegas)
-        timings["classify"] = time.perf_counter() - started - sum(timings.values())
+        lap("sample_evaluate")
+        classified = classify_methods(s, evaluations)
+        cls = _replace(ft, classify={"methods": tuple(classified)})
+        classifiers = run_classify(cls, data, {m: models[m] for m in classified}, omegas=omegas)
+        lap("classify")
         seconds = time.perf_counter() - started
     from pipeline.tools.study_report import write_results
 
-    return write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, top[1:], seconds,
+    return write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, classified, seconds,
                          timings=timings)
 
 

@@ -114,7 +114,7 @@ def classifier_differences(classifiers: dict, summary: dict, baselines: list[str
     return out
 
 
-def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, top, seconds,
+def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, classified, seconds,
                   timings: dict | None = None) -> dict:
 
     out = Path(cfg.study.results_dir)
@@ -128,7 +128,7 @@ def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas
     results = {
         "commit": git_commit(), "config": cfg.to_dict(), "seconds": round(seconds, 1),
         "seconds_by_phase": {k: round(v, 1) for k, v in (timings or {}).items()}, "omegas": omegas,
-        "classify_methods": ["ddpm"] + list(top), "dataset": data.manifest["class_counts"],
+        "classify_methods": list(classified), "dataset": data.manifest["class_counts"],
         "generation": {m: as_json(e.metrics) for m, e in evaluations.items()},
         "generation_equal_compute": {m: as_json(e.metrics) for m, e in eqc_evals.items()},
         "paired_generation": paired, "classification": summary, "classification_differences": cls_diff,
