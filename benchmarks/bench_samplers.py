@@ -51,7 +51,8 @@ def main() -> None:
     real = real_features(extractor, cfg, data)
     ref_stats = gaussian_stats(real["reference_feats"])
     schedule = make_schedule(cfg)
-    omega = cfg.sample.omega if args.omega is None else args.omega
+    method = json.loads((Path(args.checkpoint).parent / "manifest.json").read_text()).get("method", "")
+    omega = cfg.sample.omega_for(method) if args.omega is None else args.omega
     C = len(manifest["class_names"])
 
     def run(sampler: str, steps: int, seed_set: int) -> dict:

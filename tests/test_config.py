@@ -47,6 +47,8 @@ def test_hash_tracks_content():
     ("stages=data,paint", "unknown stage(s) paint"),
     ("data.on_corrupt=ignore", "use fail or skip"),
     ("sample.guidance_norm=max", "use rms (unit RMS per image) or l2"),
+    ("sample.omega_by_method={ddmp: 3}", "sample.omega_by_method: unknown method 'ddmp'"),
+    ("sample.omega_by_method={ddpm: -1}", "give a mapping of method to ω >= 0"),
     ("noequals", "--set expects key=value"),
 ])
 def test_bad_values_give_one_line_errors(override, message):
@@ -75,3 +77,32 @@ def test_method_sections_come_from_the_registry():
         load_config(None, ["train.methods=[cbdm]", "cbdm.label_set=bogus"])
     with pytest.raises(ConfigError, match="did you mean cbdm.tau"):
         load_config(None, ["cbdm.tua=1"])
+
+
+def test_a_method_can_sample_at_its_own_omega():
+    """sample.omega_by_method (method -> ω) wins over sample.omega for the methods it names; the
+    table stays hashable, survives config.json, and an explicit ω (a study's, classify.omega, a
+    swept sample.omega) holds for every method."""
+    import dataclasses
+
+    from pipeline.config import config_from_dict
+    from pipeline.stages.s5_classify import augmentation_config
+    from pipeline.tuning.space import SearchSpace, point_config
+
+    cfg = load_config(None, ["sample.omega=2", "sample.omega_by_method={ddpm: 3, cbdm+diffrop: 0.5}"])
+    s = cfg.sample
+    assert s.omega_by_method == (("cbdm+diffrop", 0.5), ("ddpm", 3)) and hash(cfg)
+    assert (s.omega_for("ddpm"), s.omega_for("rs"), s.omega_for("cbdm+diffrop")) == (3.0, 2.0, 0.5)
+    assert s.for_method("ddpm") == dataclasses.replace(s, omega=3.0, omega_by_method=())
+    assert s.omega_label() == "2 (cbdm+diffrop 0.5, ddpm 3)"
+    again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))  # what a worker or a rerun reads back
+    assert again.sample == s and hash(again)
+    one = load_config(None, ["sample.omega_by_method={ddpm: 3}", "sample.omega_by_method.rs=1.5"])
+    assert one.sample.omega_by_method == (("ddpm", 3), ("rs", 1.5))
+    # the augmentation images sample at each method's own ω unless classify.omega / a study's ω is given
+    assert augmentation_config(cfg).sample.omega_for("ddpm") == 3.0
+    assert augmentation_config(cfg, omega=1.0).sample.omega_for("ddpm") == 1.0
+    fixed = dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, omega=0.0))
+    assert augmentation_config(fixed).sample.omega_for("ddpm") == 0.0
+    space = SearchSpace(name="w", method="ddpm", kind="sample", space={"sample.omega": {"grid": [1.0]}})
+    assert point_config(cfg, space, {"sample.omega": 1.0}).sample.omega_for("ddpm") == 1.0

@@ -142,7 +142,7 @@ def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, count
     from pipeline.common.progress import LocalProgress
     from pipeline.common.shards import tensor_array
 
-    s = cfg.sample
+    s = cfg.sample.for_method(model.method)  # the method's own ω (sample.omega_by_method) resolved here
     counts = [int(c) for c in counts]
     out = (cfg.run_dir / "samples" / folder).resolve()
     key = sample_key(s, model, counts, cfg.seed) + f"-{seed_tag}"

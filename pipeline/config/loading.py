@@ -100,8 +100,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key} cannot be {value!r}")
     if tp is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(value)
+        if isinstance(value, dict):  # a mapping (e.g. sample.omega_by_method): sorted (key, value) pairs
+            return tuple(sorted((str(k), v) for k, v in value.items()))
+        if isinstance(value, (list, tuple)):  # nested lists (a config.json's pairs) become tuples too
+            return tuple(tuple(v) if isinstance(v, list) else v for v in value)
         if isinstance(value, str):  # --set stages=data,train
             return tuple(v.strip() for v in value.split(",") if v.strip())
         raise ConfigError(f"{key} must be a list, got {value!r}")

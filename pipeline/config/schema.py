@@ -106,7 +106,8 @@ class SampleConfig:
     sampler: str = "ddim"  # models/diffusion/samplers.py: ddim | ddpm | dpmpp_2m | unipc | euler_a
     steps: int = 50  # sampler steps (ddpm visits all T)
     eta: float = 0.0
-    omega: float = 1.0  # guidance ω in (1+ω)·ε(x,y) − ω·ε(x,∅)
+    omega: float = 1.0  # guidance ω in (1+ω)·ε(x,y) − ω·ε(x,∅), for every method not in omega_by_method
+    omega_by_method: tuple = ()  # a method's own ω, YAML {ddpm: 3.0} (kept as sorted (method, ω) pairs)
     guidance_scale: Optional[float] = None  # a method's sampling-time guidance (DiffRC's s); None = its own
     guidance_norm: str = "rms"  # how the guidance gradient is normalised (Eq. 13's ∇̂): rms (unit RMS per image) | l2 (unit norm)
     clip_x0: Optional[bool] = None  # None = the sampler's default
@@ -115,6 +116,19 @@ class SampleConfig:
     use_gpu: Union[bool, str] = "auto"
     bf16: Union[bool, str] = "auto"  # auto: as train.bf16
     grid_per_class: int = 10
+
+    def omega_for(self, method: str) -> float:
+        """The guidance ω that `method` samples with: its own entry in omega_by_method, else omega."""
+        return float(dict(self.omega_by_method).get(method, self.omega))
+
+    def omega_label(self) -> str:
+        """"2" or "2 (ddpm 3)": the default ω and the methods' own."""
+        own = ", ".join(f"{m} {float(w):g}" for m, w in self.omega_by_method)
+        return f"{self.omega:g}" + (f" ({own})" if own else "")
+
+    def for_method(self, method: str) -> "SampleConfig":
+        """This section as `method` samples with it: ω resolved, no per-method table left."""
+        return dataclasses.replace(self, omega=self.omega_for(method), omega_by_method=())
 
 
 @dataclass(frozen=True)

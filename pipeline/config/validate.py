@@ -124,6 +124,15 @@ def _validate_model_train_sample(cfg) -> None:
         raise ConfigError(f"evaluate.domain_bf16={cfg.evaluate.domain_bf16!r}: use auto, true or false")
     if s.batch_size < 1 or s.num_actors < 1 or s.per_class < 0 or s.omega < 0:
         raise ConfigError("sample.batch_size and sample.num_actors must be positive, per_class and omega >= 0")
+    for pair in s.omega_by_method:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], (int, float))
+                and not isinstance(pair[1], bool) and pair[1] >= 0):
+            raise ConfigError(f"sample.omega_by_method entry {pair!r}: give a mapping of method to ω >= 0, "
+                              "e.g. sample.omega_by_method={ddpm: 3.0}")
+        try:
+            validate_method(pair[0], cfg.method_options())
+        except ValueError as exc:
+            raise ConfigError(f"sample.omega_by_method: {exc}") from None
     if t.finetune_lr is not None and t.finetune_lr <= 0:
         raise ConfigError(f"train.finetune_lr={t.finetune_lr} must be positive (or null for train.lr)")
     if t.finetune_steps is not None and t.finetune_steps < 1:

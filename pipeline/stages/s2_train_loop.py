@@ -86,7 +86,7 @@ def _export(state, out_dir: Path, run_config: dict) -> None:
 
 
 @torch.no_grad()
-def sample_grid(ema, cfg, manifest: dict, schedule, device, conditional: bool):
+def sample_grid(ema, cfg, manifest: dict, schedule, device, conditional: bool, method: str):
     """A row per class of the EMA's samples (fixed seeds, a few solver steps): the image TensorBoard
     shows at each checkpoint. uint8 (H, W, C)."""
     import numpy as np
@@ -101,7 +101,7 @@ def sample_grid(ema, cfg, manifest: dict, schedule, device, conditional: bool):
     was_training = ema.training
     ema.eval()
     images = generate_images(ema, schedule, manifest, cfg.model.image_size, labels[order], seeds[order],
-                             sampler="dpmpp_2m", steps=cfg.tracking.grid_steps, omega=cfg.sample.omega if conditional
+                             sampler="dpmpp_2m", steps=cfg.tracking.grid_steps, omega=cfg.sample.omega_for(method) if conditional
                              else 0.0, batch_size=n, bf16=cfg.train.bf16, device=device)
     ema.train(was_training)
     return image_grid(images, classes)
@@ -223,7 +223,7 @@ def train_method_job(job: dict, shard, checkpoint) -> dict:
                     tracker.scalars(state.step, {"proxy_fid": metrics["fid"]}, prefix="tune/")
                 if rank == 0 and tracker.tb is not None and cfg.tracking.grid_per_class:
                     tracker.image("samples/ema", state.step, sample_grid(state.ema, cfg, manifest, schedule, device,
-                                                                         job.get("conditional", True)))
+                                                                         job.get("conditional", True), method))
                 progress = {"step": state.step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
                 blob = checkpoint_state(state, run_config)

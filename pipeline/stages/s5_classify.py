@@ -83,10 +83,13 @@ def synthetic_counts(cfg: Config, class_counts: list[int]) -> list[int]:
 
 def augmentation_config(cfg: Config, omega: float | None = None) -> Config:
     """The sample section used to generate training images (classify's sampler/steps/omega; `omega`,
-    a method's own ω chosen by a study, wins over both)."""
+    a method's own ω chosen by a study, wins over both). Without either, each method samples at its
+    evaluation ω (sample.omega_by_method, else sample.omega)."""
     c, s = cfg.classify, cfg.sample
-    chosen = omega if omega is not None else (s.omega if c.omega is None else c.omega)
-    sample = dataclasses.replace(s, sampler=c.sampler or s.sampler, steps=c.steps or s.steps, omega=chosen)
+    chosen = omega if omega is not None else c.omega
+    sample = dataclasses.replace(s, sampler=c.sampler or s.sampler, steps=c.steps or s.steps)
+    if chosen is not None:
+        sample = dataclasses.replace(sample, omega=chosen, omega_by_method=())
     return dataclasses.replace(cfg, sample=sample)
 
 

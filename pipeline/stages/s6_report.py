@@ -101,7 +101,7 @@ def generation_section(cfg: Config, evaluations: dict, base: Path) -> list[str]:
     table = cfg.run_dir / "evaluation" / "table.md"
     s = cfg.sample
     lines = ["## Generation quality", "",
-             f"{s.sampler.upper()} {s.steps} steps, ω = {s.omega}, plan `{s.plan}`.", ""]
+             f"{s.sampler.upper()} {s.steps} steps, ω = {s.omega_label()}, plan `{s.plan}`.", ""]
     if table.is_file():
         lines += [table.read_text().rstrip(), ""]
     for method, art in evaluations.items():

@@ -111,7 +111,7 @@ def export_info(ck: dict) -> dict:
             "class_names": names, "class_counts": manifest.get("class_counts"), "null_label": len(names),
             "image_shape": manifest["image_shape"], "sample_size": cfg.model.image_size,
             "cond_drop": cfg.model.cond_drop, "schedule": cfg.model.schedule, "timesteps": cfg.model.timesteps,
-            "sample": {"sampler": cfg.sample.sampler, "steps": cfg.sample.steps, "omega": cfg.sample.omega}}
+            "sample": {"sampler": cfg.sample.sampler, "steps": cfg.sample.steps, "omega": cfg.sample.omega_for(ck["extras"]["method"])}}
 
 
 def _num(value, digits: int = 3) -> str:
@@ -142,7 +142,7 @@ def model_card(ck: dict, info: dict, metrics: dict | None) -> str:
     cfg, manifest = ck["cfg"], ck["manifest"]
     names, counts = info["class_names"], info["class_counts"] or ["?"] * len(info["class_names"])
     N, (H, W, C), S = info["null_label"], manifest["image_shape"], cfg.model.image_size
-    method, omega = info["method"], cfg.sample.omega
+    method, omega = info["method"], info["sample"]["omega"]
     imb = manifest.get("imbalance_ratio")
     lines = ["---", "library_name: diffusers", "tags: [diffusion, class-conditional, long-tailed, taildiff]", "---", "",
              f"# taildiff `{method}` on long-tailed {manifest.get('dataset', cfg.data.dataset)}", "",

@@ -163,7 +163,7 @@ def run_generate(args: argparse.Namespace) -> Path:
         classes = parse_classes(args.classes, list(manifest["class_names"]))
         sampler = args.sampler or cfg.sample.sampler
         steps = args.steps if args.steps is not None else cfg.sample.steps
-        omega = args.omega if args.omega is not None else cfg.sample.omega
+        omega = args.omega if args.omega is not None else cfg.sample.omega_for(ck["extras"]["method"])
         try:
             sampler_timesteps(sampler, cfg.model.timesteps, steps)
         except ValueError as exc:

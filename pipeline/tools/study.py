@@ -130,7 +130,7 @@ def evaluate_models(cfg: Config, data, models: dict, omegas: dict) -> dict:
     use_gpu = resolve_use_gpu(cfg.sample.use_gpu, cluster_gpus(), "sample")
     samples = {}
     for name, art in models.items():
-        at = _replace(cfg, sample={"omega": omegas[name]})
+        at = _replace(cfg, sample={"omega": omegas[name], "omega_by_method": ()})
         samples[name] = generate_set(at, data, art, plan_counts(cfg, data.manifest), folder=name, seed_tag="eval",
                                      use_gpu=use_gpu)
     return run_evaluate(cfg, data, samples)

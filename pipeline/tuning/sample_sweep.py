@@ -66,7 +66,10 @@ def run_sample_sweep(checkpoints: dict[str, tuple], space: SearchSpace, images: 
         n = max(1, min(len(points), num_actors or free))
         worker = ray.remote(num_cpus=1 if free >= n else 0)(GuidanceWorker)
         actors = [worker.remote(weights, ref["extractor_weights"], images, max(1, free // n)) for _ in range(n)]
-        futures = [actors[i % n].run.remote(_sample_dict(c.sample)) for i, c in enumerate(cfgs)]
+        from pipeline.common.artifacts import model_extras
+
+        method = model_extras(Path(weights))["method"] or ""
+        futures = [actors[i % n].run.remote(_sample_dict(c.sample.for_method(method))) for i, c in enumerate(cfgs)]
         with np.load(ref["reference"]) as blob:
             ref_feats, ref_labels = blob["feats"], blob["labels"]
         counts = ref.get("class_counts")

@@ -148,6 +148,8 @@ def point_config(base: Config, space: SearchSpace, point: dict, **top: Any) -> C
     raw = copy.deepcopy(base.to_dict())
     for key, value in {**point, **top}.items():
         assign_key(raw, key.split("."), value)
+    if "sample.omega" in point and "sample.omega_by_method" not in point:  # a swept ω holds for every method
+        raw["sample"]["omega_by_method"] = {}
     if space.kind == "train":  # a trial trains one method; fine-tuning starts from the base run's model
         methods = point.get("train.methods", space.method)
         raw["train"]["methods"] = [methods] if isinstance(methods, str) else list(methods)
