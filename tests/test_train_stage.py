@@ -75,11 +75,13 @@ def test_two_worker_run_checkpoints_and_resumes(ray_session, workdir, caplog):
 
 
 def test_sampling_stage_writes_reproducible_images(ray_session, workdir):
-    cfg = cfg_for(workdir, "train.steps=9")
+    # the method's own ω (sample.omega_by_method) is what its actors sample with, not sample.omega
+    cfg = cfg_for(workdir, "train.steps=9", "sample.omega=0.5", "sample.omega_by_method={ddpm: 1.5}")
     data = run_data(cfg)
     models = run_train(cfg, data)
     out = run_sample(cfg, data, models)["ddpm"]
     assert out.num_images == 20 and (out.path / "grid.png").stat().st_size > 0
+    assert json.loads((out.path / "manifest.json").read_text())["sample"]["omega"] == 1.5
     import pyarrow as pa
     import pyarrow.parquet as pq
 
