@@ -56,8 +56,10 @@ class Faults:
         with socket.socket() as sock:  # the dashboard's state API frees a dead Train run's placement group
             sock.bind(("127.0.0.1", 0))
             self.dashboard_port = sock.getsockname()[1]
+        # a killed node is declared dead after 5 missed health checks: 1 s apart here, not Ray's 3 s
         self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": True, "dashboard_port": self.dashboard_port})
+            "num_cpus": 1, "include_dashboard": True, "dashboard_port": self.dashboard_port,
+            "_system_config": {"health_check_period_ms": 1000}})
         self.workers = [self.cluster.add_node(num_cpus=2) for _ in range(2)]
         self.cluster.wait_for_nodes()
 

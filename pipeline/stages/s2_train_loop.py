@@ -101,8 +101,9 @@ def sample_grid(ema, cfg, manifest: dict, schedule, device, conditional: bool, m
     was_training = ema.training
     ema.eval()
     images = generate_images(ema, schedule, manifest, cfg.model.image_size, labels[order], seeds[order],
-                             sampler="dpmpp_2m", steps=cfg.tracking.grid_steps, omega=cfg.sample.omega_for(method) if conditional
-                             else 0.0, batch_size=n, bf16=cfg.train.bf16, device=device)
+                             sampler="dpmpp_2m", steps=cfg.tracking.grid_steps,
+                             omega=cfg.sample.omega_for(method) if conditional else 0.0, batch_size=n,
+                             bf16=cfg.train.bf16, device=device)
     ema.train(was_training)
     return image_grid(images, classes)
 

@@ -111,7 +111,8 @@ def export_info(ck: dict) -> dict:
             "class_names": names, "class_counts": manifest.get("class_counts"), "null_label": len(names),
             "image_shape": manifest["image_shape"], "sample_size": cfg.model.image_size,
             "cond_drop": cfg.model.cond_drop, "schedule": cfg.model.schedule, "timesteps": cfg.model.timesteps,
-            "sample": {"sampler": cfg.sample.sampler, "steps": cfg.sample.steps, "omega": cfg.sample.omega_for(ck["extras"]["method"])}}
+            "sample": {"sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
+                       "omega": cfg.sample.omega_for(ck["extras"]["method"])}}
 
 
 def _num(value, digits: int = 3) -> str:

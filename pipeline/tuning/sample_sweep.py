@@ -58,6 +58,8 @@ def run_sample_sweep(checkpoints: dict[str, tuple], space: SearchSpace, images: 
     Returns one row per (checkpoint, point) with FID, group FIDs and the sampling time."""
     import ray
 
+    from pipeline.common.artifacts import model_extras
+
     points = sample_points(space, seed=seed)
     rows = []
     for label, (weights, ckpt_cfg, ref) in checkpoints.items():
@@ -66,9 +68,7 @@ def run_sample_sweep(checkpoints: dict[str, tuple], space: SearchSpace, images: 
         n = max(1, min(len(points), num_actors or free))
         worker = ray.remote(num_cpus=1 if free >= n else 0)(GuidanceWorker)
         actors = [worker.remote(weights, ref["extractor_weights"], images, max(1, free // n)) for _ in range(n)]
-        from pipeline.common.artifacts import model_extras
-
-        method = model_extras(Path(weights))["method"] or ""
+        method = model_extras(Path(weights))["method"] or ""  # its own ω unless the space sweeps ω
         futures = [actors[i % n].run.remote(_sample_dict(c.sample.for_method(method))) for i, c in enumerate(cfgs)]
         with np.load(ref["reference"]) as blob:
             ref_feats, ref_labels = blob["feats"], blob["labels"]
