@@ -42,7 +42,7 @@ def main() -> None:
     from models.evaluation.intervals import fid_interval, frechet_from_stats, gaussian_stats
     from models.evaluation.artefacts import speckle_fraction
     from models.diffusion.samplers import network_evaluations
-    from pipeline.common.artifacts import load_dataset, load_model, make_schedule
+    from pipeline.common.artifacts import load_dataset, load_model, make_schedule, model_extras
     from pipeline.common.features import Extractor, balanced_plan, generate_images, real_features
 
     net, cfg, manifest = load_model(Path(args.checkpoint))
@@ -51,8 +51,7 @@ def main() -> None:
     real = real_features(extractor, cfg, data)
     ref_stats = gaussian_stats(real["reference_feats"])
     schedule = make_schedule(cfg)
-    method = json.loads((Path(args.checkpoint).parent / "manifest.json").read_text()).get("method", "")
-    omega = cfg.sample.omega_for(method) if args.omega is None else args.omega
+    omega = cfg.sample.omega_for(model_extras(Path(args.checkpoint))["method"] or "") if args.omega is None else args.omega
     C = len(manifest["class_names"])
 
     def run(sampler: str, steps: int, seed_set: int) -> dict:
