@@ -99,7 +99,7 @@ def test_a_method_with_its_own_source_gets_the_equal_total_budget_and_its_classi
     assert [ms for _, ms in runs] == [("diffrc_cfg",)]
     own = runs[0][0]
     assert own.name == "fmnist_lt_study-own" and own.train.init_from is None
-    assert cfg.diffrc.source_steps + own.train.finetune_steps == cfg.train.steps + cfg.train.finetune_steps == 2400
+    assert cfg.diffrc.source_steps + own.train.finetune_steps == cfg.train.steps + cfg.train.finetune_steps == 2200
     assert own_source_runs(load_config(REPO / "configs" / "fmnist_lt_study.yaml",
                                        ["study.methods=[ddpm,cbdm]"])) == []
 
@@ -148,6 +148,9 @@ def test_a_tiny_study_writes_intervals_and_reuses_everything(ray_session, tmp_pa
     assert cls["ce"]["seeds"] == [0, 1] and cls["ce"]["accuracy"]["n"] == 2
     assert np.isfinite(cls["ce"]["accuracy"]["low"])
     assert "syn-ddpm - ce" in results["classification_differences"]
+    vs_ddpm = results["classification_differences"]["syn-cbdm - syn-ddpm"]["accuracy"]  # paired over the 2 seeds
+    assert vs_ddpm["low"] <= vs_ddpm["mean"] <= vs_ddpm["high"]
+    assert "ce - syn-ddpm" not in results["classification_differences"]  # baselines only against CE and the best
     assert any(k.startswith("cbdm@") for k in results["generation_equal_compute"])
     assert {c["verdict"].split(" ")[0] for c in results["claims"]} <= {"reproduced", "not", "inconclusive"}
     assert (tmp_path / "results" / "table.md").is_file() and (tmp_path / "results" / "fid_per_group.png").is_file()

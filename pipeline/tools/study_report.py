@@ -103,8 +103,9 @@ def classifier_differences(classifiers: dict, summary: dict, baselines: list[str
         by.setdefault(base, {})[art.arm.seed] = art.metrics["last"]
     best_base = max((b for b in baselines if b in by), key=lambda b: summary[b]["accuracy"]["mean"])
     out = {"best_baseline": best_base}
-    for arm in by:
-        for ref in ("ce", best_base):
+    for arm in by:  # against CE and the best baseline; a synthetic arm also against DDPM's (the same seeds)
+        refs = ("ce", best_base) + (("syn-ddpm",) if arm.startswith("syn-") else ())
+        for ref in refs:
             if arm == ref or ref not in by:
                 continue
             common = sorted(set(by[arm]) & set(by[ref]))
