@@ -92,9 +92,10 @@ def test_a_method_with_its_own_source_gets_the_equal_total_budget_and_its_classi
     from types import SimpleNamespace
 
     from pipeline.config import load_config
-    from pipeline.tools.study import classify_methods, own_source_runs
+    from pipeline.config.validate import validate
+    from pipeline.tools.study import _replace, classify_config, classify_methods, own_source_runs
 
-    cfg = load_config(REPO / "configs" / "fmnist_lt_study.yaml", [])
+    cfg = load_config(REPO / "configs" / "fmnist_lt_study.yaml", ["study.classify_top=3"])
     runs = own_source_runs(cfg)
     assert [ms for _, ms in runs] == [("diffrc_cfg",)]
     own = runs[0][0]
@@ -110,6 +111,9 @@ def test_a_method_with_its_own_source_gets_the_equal_total_budget_and_its_classi
     assert classify_methods(cfg.study, evaluations) == ["ddpm", "rs", "t2h", "cbdm", "diffrc_cfg"]
     evaluations["diffrc_cfg"] = ev(1.0)  # already among the best: listed once
     assert classify_methods(cfg.study, evaluations) == ["ddpm", "diffrc_cfg", "rs", "t2h"]
+    chosen = classify_methods(cfg.study, evaluations)
+    ft = _replace(cfg, train={"methods": tuple(m for m in cfg.study.methods if m != "diffrc_cfg")})
+    validate(classify_config(ft, chosen))  # DiffRC, trained in its own run, is still a method of its arm
     del evaluations["diffrc_cfg"]  # not in this study: nothing to classify
     assert classify_methods(cfg.study, evaluations) == ["ddpm", "rs", "t2h", "cbdm"]
 

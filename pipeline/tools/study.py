@@ -181,7 +181,7 @@ def run_study(cfg: Config) -> dict:
             eqc_evals[label] = evaluate_models(eqc, data, {art.method: art}, {art.method: omega})[art.method]
         lap("sample_evaluate")
         classified = classify_methods(s, evaluations)
-        cls = _replace(ft, classify={"methods": tuple(classified)})
+        cls = classify_config(ft, classified)
         classifiers = run_classify(cls, data, {m: models[m] for m in classified}, omegas=omegas)
         lap("classify")
         seconds = time.perf_counter() - started
@@ -189,6 +189,12 @@ def run_study(cfg: Config) -> dict:
 
     return write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, classified, seconds,
                          timings=timings)
+
+
+def classify_config(ft: Config, classified: list[str]) -> Config:
+    """The classify stage's config: its methods, with train.methods naming every study method (a method
+    trained in its own run, DiffRC, is not in the fine-tuning run's list, and classify.methods must be)."""
+    return _replace(ft, train={"methods": tuple(ft.study.methods)}, classify={"methods": tuple(classified)})
 
 
 def classify_methods(s, evaluations: dict) -> list[str]:
