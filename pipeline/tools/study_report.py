@@ -149,11 +149,7 @@ def claims(results: dict, best_syn: str | None) -> list[dict]:
             diffs = results["classification_differences"]
             a_name = best_syn if a == "best_synthetic" else f"syn-{a.replace('+', '-')}"
             b_name = diffs["best_baseline"] if b == "best_baseline" else f"syn-{b}"
-            d = diffs.get(f"{a_name} - {b_name}", {}).get(metric)
-            if d is None and b_name == "syn-ddpm":  # compare against DDPM's synthetic arm through CE
-                ce_a, ce_b = diffs.get(f"{a_name} - ce", {}).get(metric), diffs.get(f"{b_name} - ce", {}).get(metric)
-                d = None if ce_a is None or ce_b is None else {"mean": ce_a["mean"] - ce_b["mean"], "low": None,
-                                                               "high": None}
+            d = diffs.get(f"{a_name} - {b_name}", {}).get(metric)  # syn-X − syn-ddpm: paired over seeds
             diff = None if d is None else {"difference": d["mean"], "low": d.get("low"), "high": d.get("high")}
             label = f"{a_name} − {b_name}"
         else:
