@@ -85,6 +85,24 @@ def test_bootstrap_fid_interval_covers_the_truth_and_a_set_against_itself_is_zer
     assert all((np.bincount(strata[i], minlength=4) == 100).all() for i in idx)  # a balanced set stays balanced
 
 
+def test_the_study_clock_sums_invocations_and_keeps_an_interrupted_one(tmp_path):
+    """An invocation that stops after a phase (interrupt, crash) keeps its seconds in the run folder;
+    the next invocation's totals add to them."""
+    from pipeline.tools.study_report import InvocationClock
+
+    first = InvocationClock(tmp_path)
+    first.lap("train", 100.0)
+    first.lap("sample_evaluate", 40.0)  # ... then the process dies: nothing else is written
+    second = InvocationClock(tmp_path)
+    second.lap("train", 2.0)  # everything reused
+    second.lap("classify", 30.0)
+    total = second.totals()
+    assert total == {"seconds": 172.0, "invocations": 2,
+                     "seconds_by_phase": {"train": 102.0, "sample_evaluate": 40.0, "classify": 30.0}}
+    record = json.loads((tmp_path / "study_timings.json").read_text())
+    assert [inv["seconds"] for inv in record["invocations"]] == [140.0, 32.0]
+
+
 def test_a_method_with_its_own_source_gets_the_equal_total_budget_and_its_classifier_arm():
     """DiffRC trains a head-class source from scratch, so the study gives it source + target =
     train.steps + train.finetune_steps (every other method's DDPM + fine-tune), in a run of its own;
@@ -171,4 +189,7 @@ def test_a_tiny_study_writes_intervals_and_reuses_everything(ray_session, tmp_pa
     assert not re.search(r"train\[[^\]]+\]: \d+ steps", again.stderr)  # nothing retrained ...
     assert not re.search(r"sample\[[^\]]+\]: \d+ images in", again.stderr)  # ... resampled ...
     assert not re.search(r"classify\[[^\]]+\]: top-1", again.stderr)  # ... or refitted
+    rerun = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert rerun["invocations"] == 2  # the wall time sums both invocations: the first one's cost is kept
+    assert rerun["seconds"] >= results["seconds"] + rerun["seconds_this_invocation"] - 1.0
     print(f"tiny study rerun through the CLI: {time.perf_counter() - started:.1f} s")

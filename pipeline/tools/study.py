@@ -142,6 +142,7 @@ def run_study(cfg: Config) -> dict:
     from pipeline.stages.s1_data import run_data
     from pipeline.stages.s2_train import run_train
     from pipeline.stages.s5_classify import run_classify
+    from pipeline.tools.study_report import InvocationClock, write_results
 
     s = cfg.study
     started = time.perf_counter()
@@ -150,9 +151,11 @@ def run_study(cfg: Config) -> dict:
         data = run_data(cfg)
         base = base_model(cfg, data)
         timings = {}
+        clock = InvocationClock(cfg.run_dir)  # every invocation's phases, kept across interruptions
 
         def lap(phase: str) -> None:  # the seconds since the previous phase ended
             timings[phase] = time.perf_counter() - started - sum(timings.values())
+            clock.lap(phase, timings[phase])
 
         own = own_source_runs(cfg)
         owned = {m for _, ms in own for m in ms}
@@ -185,10 +188,8 @@ def run_study(cfg: Config) -> dict:
         classifiers = run_classify(cls, data, {m: models[m] for m in classified}, omegas=omegas)
         lap("classify")
         seconds = time.perf_counter() - started
-    from pipeline.tools.study_report import write_results
-
     return write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, classified, seconds,
-                         timings=timings)
+                         timings=timings, clock=clock)
 
 
 def classify_config(ft: Config, classified: list[str]) -> Config:

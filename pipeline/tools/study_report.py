@@ -3,6 +3,8 @@ config, the commit), table.md (the paired comparison, the classifier table over 
 paper claim) and the figures a reader wants."""
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import subprocess
 from pathlib import Path
 
@@ -24,6 +26,33 @@ CLAIMS = [
     ("CBDM / DiffROP downstream", "real + synthetic beats the best classifier-only baseline (top-1)", "accuracy",
      "best_synthetic", "best_baseline", +1),
 ]
+
+
+class InvocationClock:
+    """The study's wall time summed over its invocations: `<run_dir>/study_timings.json` holds one entry per
+    invocation, rewritten (temp file, then rename) after every phase, so an interrupted or crashed
+    invocation keeps what it spent and a resumed study reports the whole cost, not only its last part."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "study_timings.json"
+        self.record = json.loads(self.path.read_text()) if self.path.exists() else {"invocations": []}
+        self.entry = {"started": _dt.datetime.now().isoformat(timespec="seconds"), "seconds_by_phase": {}}
+        self.record["invocations"].append(self.entry)
+
+    def lap(self, phase: str, seconds: float) -> None:
+        phases = self.entry["seconds_by_phase"]
+        phases[phase] = round(phases.get(phase, 0.0) + float(seconds), 1)
+        self.entry["seconds"] = round(sum(phases.values()), 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, self.record)
+
+    def totals(self) -> dict:
+        by_phase: dict[str, float] = {}
+        for inv in self.record["invocations"]:
+            for k, v in inv.get("seconds_by_phase", {}).items():
+                by_phase[k] = round(by_phase.get(k, 0.0) + v, 1)
+        return {"seconds": round(sum(by_phase.values()), 1), "seconds_by_phase": by_phase,
+                "invocations": len(self.record["invocations"])}
 
 
 def _verdict(diff: dict, direction: int) -> str:
@@ -116,7 +145,13 @@ def classifier_differences(classifiers: dict, summary: dict, baselines: list[str
 
 
 def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, classified, seconds,
-                  timings: dict | None = None) -> dict:
+                  timings: dict | None = None, clock: InvocationClock | None = None) -> dict:
+    """`seconds` / `timings`: this invocation's; results.json's `seconds` sums every invocation's (the clock)."""
+    if clock is None:  # a caller that kept no clock: this invocation is recorded now
+        clock = InvocationClock(cfg.run_dir)
+        for phase, secs in (timings or {}).items():
+            clock.lap(phase, secs)
+    total = clock.totals()
 
     out = Path(cfg.study.results_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,8 +162,9 @@ def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas
     synthetic = [a for a in summary if a.startswith("syn-")]
     best_syn = max(synthetic, key=lambda a: summary[a]["accuracy"]["mean"]) if synthetic else None
     results = {
-        "commit": git_commit(), "config": cfg.to_dict(), "seconds": round(seconds, 1),
-        "seconds_by_phase": {k: round(v, 1) for k, v in (timings or {}).items()}, "omegas": omegas,
+        "commit": git_commit(), "config": cfg.to_dict(), "seconds": total["seconds"],
+        "seconds_by_phase": total["seconds_by_phase"], "invocations": total["invocations"],
+        "seconds_this_invocation": round(seconds, 1), "omegas": omegas,
         "classify_methods": list(classified), "dataset": data.manifest["class_counts"],
         "generation": {m: as_json(e.metrics) for m, e in evaluations.items()},
         "generation_equal_compute": {m: as_json(e.metrics) for m, e in eqc_evals.items()},
@@ -139,7 +175,7 @@ def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas
     write_json(out / "results.json", as_json(results))
     write_text(out / "table.md", table(cfg, results, best_syn))
     figures(cfg, data, evaluations, summary, out)
-    return {"results_dir": str(out), "seconds": seconds}
+    return {"results_dir": str(out), "seconds": total["seconds"]}
 
 
 def claims(results: dict, best_syn: str | None) -> list[dict]:
@@ -175,6 +211,14 @@ def _phases(timings: dict | None) -> str:
     return " (" + ", ".join(f"{k.replace('_', ' ')} {v / 60:.0f}" for k, v in timings.items()) + " min)"
 
 
+def _invocations(results: dict) -> str:
+    n = results.get("invocations", 1)
+    if n <= 1:
+        return ""
+    return (f", summed over {n} invocations (the study resumed; this one "
+            f"{results.get('seconds_this_invocation', 0) / 60:.0f} min)")
+
+
 def table(cfg, results: dict, best_syn: str | None) -> str:
     gen, paired = results["generation"], results["paired_generation"]
     n = next(iter(gen.values()))["num_samples"]
@@ -184,7 +228,7 @@ def table(cfg, results: dict, best_syn: str | None) -> str:
              f"from a held-out sweep over {list(cfg.study.omega_grid)} ({cfg.study.omega_images} images, own seeds); "
              f"domain features; 95% intervals: bootstrap over images (FID), Wilson (rates), t over "
              f"{cfg.classify.seeds} seeds (classifiers). Wall time {results['seconds'] / 60:.0f} min on this machine"
-             + _phases(results.get("seconds_by_phase")) + ".",
+             + _phases(results.get("seconds_by_phase")) + _invocations(results) + ".",
              "", "## Generation", "",
              "| method | ω | FID | FID many | FID medium | FID few | Δ FID vs ddpm | Δ FID few vs ddpm | class fidelity % "
              "| fidelity few % | memorised | speckled % |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
