@@ -103,6 +103,21 @@ def test_the_study_clock_sums_invocations_and_keeps_an_interrupted_one(tmp_path)
     assert [inv["seconds"] for inv in record["invocations"]] == [140.0, 32.0]
 
 
+def test_a_named_base_run_with_a_finished_ddpm_is_shared_as_it_is(tmp_path):
+    """A study whose config differs from the base run's (another seed) reuses that run's DDPM: it
+    must not retrain it, which would overwrite the model every other study of the folder shares."""
+    from pipeline.config import load_config
+    from pipeline.tools.study import base_model
+
+    cfg = load_config(REPO / "configs" / "fmnist_lt_study.yaml", [f"output_dir={tmp_path}", "seed=7"])
+    ddpm = tmp_path / "runs" / "fmnist_lt" / "train" / "ddpm"
+    ddpm.mkdir(parents=True)
+    (ddpm / "manifest.json").write_text(json.dumps({"run_key": "another config", "metrics": {"step": 2000}}))
+    (ddpm / "model.pt").write_bytes(b"weights")
+    assert base_model(cfg, data=None) == (ddpm / "model.pt").resolve()  # no training: data is never touched
+    assert (ddpm / "model.pt").read_bytes() == b"weights"
+
+
 def test_a_method_with_its_own_source_gets_the_equal_total_budget_and_its_classifier_arm():
     """DiffRC trains a head-class source from scratch, so the study gives it source + target =
     train.steps + train.finetune_steps (every other method's DDPM + fine-tune), in a run of its own;

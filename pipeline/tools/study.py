@@ -53,12 +53,19 @@ def forward_cost(method: str, cfg: Config) -> float:
 
 
 def base_model(cfg: Config, data) -> Path:
-    """The shared DDPM: `study.base` (a run name of this output_dir, or a model.pt), else trained here."""
+    """The shared DDPM: `study.base` (a model.pt, or a run name of this output_dir: its finished DDPM as it is,
+    trained there first when it has none), else trained here as run `<name>-base`."""
     from pipeline.stages.s2_train import run_train
 
     s = cfg.study
+    named = _replace(cfg, name=s.base).run_dir / "train" / "ddpm" if s.base and not s.base.endswith(".pt") else None
     if s.base and s.base.endswith(".pt"):
         path = Path(s.base)
+    elif named is not None and (named / "manifest.json").is_file() and (named / "model.pt").is_file():
+        # another run's finished DDPM is shared as it is: never retrained (and overwritten) because this
+        # study's config differs from that run's (a fine-tuning replicate with another seed, say)
+        log.info("study: shared DDPM %s (trained by run %s)", named / "model.pt", s.base)
+        path = named / "model.pt"
     else:
         base_cfg = _replace(cfg, name=s.base or f"{cfg.name}-base",
                             train={"methods": ("ddpm",), "init_from": None, "finetune_steps": None})

@@ -333,7 +333,7 @@ def figures(cfg, data, evaluations: dict, summary: dict, out: Path) -> None:
     tail_grids(cfg, data, names, out / "tail_samples.png")
 
 
-def tail_grids(cfg, data, names: list, path: Path, per_class: int = 8) -> None:
+def tail_grids(cfg, data, names: list, path: Path, per_class: int = 8, per_row: int = 4) -> None:
     """The few-group classes' first samples of every method, side by side (one column block per method).
     `names`: sample folders of this run, or (label, folder path) pairs for sets of other runs."""
     import matplotlib
@@ -358,12 +358,17 @@ def tail_grids(cfg, data, names: list, path: Path, per_class: int = 8) -> None:
             rows.append(np.concatenate([np.pad(s["image"][i], ((1, 1), (1, 1), (0, 0)), constant_values=255)
                                         for i in idx], axis=1))
         blocks.append(np.concatenate(rows, axis=0))
-    fig, axes = plt.subplots(1, len(blocks), figsize=(1.6 * len(blocks) * per_class / 8 + 1, 2.2), squeeze=False)
-    for ax, m, block in zip(axes[0], labels, blocks):
-        ax.imshow(block.squeeze(-1) if C == 1 else block, cmap="gray" if C == 1 else None)
-        ax.set_title(m, fontsize=7)
+    cols = min(per_row, len(blocks))  # a readable size per method: rows of `per_row` methods
+    nrows = -(-len(blocks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols * per_class / 8, 0.5 + 0.45 * len(few) * nrows + 0.35 * nrows),
+                             squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle("tail classes: " + ", ".join(data.manifest["class_names"][c] for c in few), fontsize=8)
+    for ax, m, block in zip(axes.flat, labels, blocks):
+        ax.imshow(block.squeeze(-1) if C == 1 else block, cmap="gray" if C == 1 else None)
+        ax.set_title(m, fontsize=9)
+    fig.suptitle("tail classes (rows): " + ", ".join(data.manifest["class_names"][c] for c in few)
+                 + f"; the first {per_class} evaluation images of each, the same seeds for every method", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
