@@ -196,7 +196,7 @@ def run_study(cfg: Config) -> dict:
         lap("classify")
         seconds = time.perf_counter() - started
     return write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, classified, seconds,
-                         timings=timings, clock=clock)
+                         clock=clock)
 
 
 def classify_config(ft: Config, classified: list[str]) -> Config:

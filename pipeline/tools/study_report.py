@@ -145,12 +145,8 @@ def classifier_differences(classifiers: dict, summary: dict, baselines: list[str
 
 
 def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, classified, seconds,
-                  timings: dict | None = None, clock: InvocationClock | None = None) -> dict:
-    """`seconds` / `timings`: this invocation's; results.json's `seconds` sums every invocation's (the clock)."""
-    if clock is None:  # a caller that kept no clock: this invocation is recorded now
-        clock = InvocationClock(cfg.run_dir)
-        for phase, secs in (timings or {}).items():
-            clock.lap(phase, secs)
+                  clock: InvocationClock) -> dict:
+    """`seconds`: this invocation's; results.json's `seconds` sums every invocation's phases (the clock)."""
     total = clock.totals()
 
     out = Path(cfg.study.results_dir)
