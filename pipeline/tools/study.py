@@ -58,18 +58,19 @@ def base_model(cfg: Config, data) -> Path:
     from pipeline.stages.s2_train import run_train
 
     s = cfg.study
-    named = _replace(cfg, name=s.base).run_dir / "train" / "ddpm" if s.base and not s.base.endswith(".pt") else None
     if s.base and s.base.endswith(".pt"):
         path = Path(s.base)
-    elif named is not None and (named / "manifest.json").is_file() and (named / "model.pt").is_file():
-        # another run's finished DDPM is shared as it is: never retrained (and overwritten) because this
-        # study's config differs from that run's (a fine-tuning replicate with another seed, say)
-        log.info("study: shared DDPM %s (trained by run %s)", named / "model.pt", s.base)
-        path = named / "model.pt"
     else:
         base_cfg = _replace(cfg, name=s.base or f"{cfg.name}-base",
                             train={"methods": ("ddpm",), "init_from": None, "finetune_steps": None})
-        path = run_train(base_cfg, data)["ddpm"].weights
+        finished = base_cfg.run_dir / "train" / "ddpm"
+        if s.base and (finished / "manifest.json").is_file() and (finished / "model.pt").is_file():
+            # another run's finished DDPM is shared as it is: never retrained (and overwritten) because this
+            # study's config differs from that run's (a fine-tuning replicate with another seed, say)
+            log.info("study: shared DDPM %s (trained by run %s)", finished / "model.pt", s.base)
+            path = finished / "model.pt"
+        else:
+            path = run_train(base_cfg, data)["ddpm"].weights
     if not path.is_file():
         raise TaildiffError(f"study.base={s.base}: no DDPM weights at {path}; give a model.pt or a run name")
     return path.resolve()

@@ -356,8 +356,8 @@ def tail_grids(cfg, data, names: list, path: Path, per_class: int = 8, per_row: 
         blocks.append(np.concatenate(rows, axis=0))
     cols = min(per_row, len(blocks))  # a readable size per method: rows of `per_row` methods
     nrows = -(-len(blocks) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols * per_class / 8, 0.5 + 0.45 * len(few) * nrows + 0.35 * nrows),
-                             squeeze=False)
+    height = 0.5 + (0.45 * len(few) + 0.35) * nrows
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols * per_class / 8, height), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, m, block in zip(axes.flat, labels, blocks):
