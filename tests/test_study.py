@@ -133,7 +133,8 @@ def test_a_method_with_its_own_source_gets_the_equal_total_budget_and_its_classi
     assert [ms for _, ms in runs] == [("diffrc_cfg",)]
     own = runs[0][0]
     assert own.name == "fmnist_lt_study-own" and own.train.init_from is None
-    assert cfg.diffrc.source_steps + own.train.finetune_steps == cfg.train.steps + cfg.train.finetune_steps == 2200
+    assert cfg.diffrc.source_steps + own.train.finetune_steps == cfg.train.steps + cfg.train.finetune_steps == 2150
+    assert cfg.train.finetune_lr == 2.0e-4 and own.train.finetune_lr is None  # the target learns at train.lr
     assert own_source_runs(load_config(REPO / "configs" / "fmnist_lt_study.yaml",
                                        ["study.methods=[ddpm,cbdm]"])) == []
 

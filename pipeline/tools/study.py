@@ -80,7 +80,9 @@ def own_source_runs(cfg: Config) -> list[tuple[Config, tuple]]:
     """The study's methods that train their own source model, as runs at the equal total budget.
 
     Every other method gets train.steps (the shared DDPM) + train.finetune_steps; such a method gets
-    the same: its source's `source_steps` + a target of the rest (at least 1), in run `<name>-own`."""
+    the same: its source's `source_steps` + a target of the rest (at least 1), in run `<name>-own`.
+    Its target is trained at train.lr, as the shared DDPM: train.finetune_lr shapes the short
+    fine-tunes from the trained DDPM, not a target that learns the tail classes from a head-only source."""
     from models.methods.registry import method_needs
 
     options = cfg.method_options()
@@ -92,7 +94,8 @@ def own_source_runs(cfg: Config) -> list[tuple[Config, tuple]]:
             target = max(1, budget - (needs.source_steps or cfg.train.steps))
             groups.setdefault(target, []).append(m)
     return [(_replace(cfg, name=f"{cfg.name}-own" + (f"{target}" if len(groups) > 1 else ""),
-                      train={"methods": tuple(ms), "init_from": None, "finetune_steps": target}), tuple(ms))
+                      train={"methods": tuple(ms), "init_from": None, "finetune_steps": target,
+                             "finetune_lr": None}), tuple(ms))
             for target, ms in sorted(groups.items())]
 
 
