@@ -105,6 +105,21 @@ def test_epoch_schedule_is_ldam_drws_and_scales():
     assert [small.lr_at(e) for e in range(10)] == pytest.approx([0.1] * 8 + [1e-3, 1e-5])
 
 
+def test_cosine_schedule_warms_up_per_iteration_and_decays_to_zero():
+    s = EpochSchedule.scaled(3, 0.1, kind="cosine")  # 1 warm-up epoch; 10 iterations per epoch
+    assert s.lr_at(0, 0, 10) == pytest.approx(0.01) and s.lr_at(0, 9, 10) == pytest.approx(0.1)
+    assert s.lr_at(1, 0, 10) == pytest.approx(0.1)  # the cosine starts at lr ...
+    assert s.lr_at(2, 0, 10) == pytest.approx(0.05)  # ... is lr/2 half-way through its 20 iterations ...
+    assert s.lr_at(2, 9, 10) == pytest.approx(0.05 * (1 + math.cos(math.pi * 19 / 20)))  # ... and ~0 at the last
+    assert s.lr_at(2, 99, 10) == s.lr_at(2, 9, 10)  # a longer epoch than expected stays at its last value
+    lrs = [s.lr_at(e, i, 10) for e in range(3) for i in range(10)]
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))  # strictly decreasing after the warm-up
+    assert s.drw_active(2) and not s.drw_active(1)  # DRW still switches per epoch
+    assert EpochSchedule.scaled(3, 0.1).lr_at(2, 5, 10) == pytest.approx(1e-3)  # `step` ignores the iteration
+    with pytest.raises(ValueError, match="unknown classifier lr schedule 'linear'"):
+        EpochSchedule.scaled(3, 0.1, kind="linear")
+
+
 def test_group_std_reproduces_diffrc_table3():
     # DiffRC Table 3 (ImageNet-LT): many / medium / few -> Std
     assert group_std([66.5, 39.0, 8.6]) == pytest.approx(23.6, abs=0.05)

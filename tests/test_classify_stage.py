@@ -48,7 +48,8 @@ def classified(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("classify")
     cfg = load_config(REPO / "configs" / "digits_lt.yaml",
                       [f"output_dir={out}", *TINY, "classify.baselines=[ce,ldam_drw]", "classify.synthetic=per_class",
-                       "classify.per_class=4", "stages=[data,train,classify,report]"])
+                       "classify.per_class=4", "stages=[data,train,classify,report]",
+                       "classify.lr_schedule=cosine", "classify.warmup_epochs=0"])  # the lr moves within the epoch
     data = run_data(cfg)
     models = run_train(cfg, data)
     results = run_classify(cfg, data, models)
@@ -91,6 +92,28 @@ def test_each_arm_trains_one_epoch_on_ray_train_and_reports(classified):
     for name in results:
         assert f"| {name} |" in table
     assert "LDAM-DRW" in table and "LT real + synthetic (ddpm)" in table
+
+
+def test_the_cosine_schedule_sets_the_lr_per_iteration(classified):
+    from models.classify.lt_losses import EpochSchedule
+
+    cfg, _, _, results = classified
+    c = cfg.classify
+    schedule = EpochSchedule.scaled(c.epochs, c.lr, c.warmup_epochs, c.decay_epochs, c.drw_epoch, "cosine")
+    for name, art in results.items():
+        steps = sum(art.composition["real"]) + sum(art.composition["synthetic"])
+        steps //= c.batch_size
+        lines = (art.path / "history.csv").read_text().splitlines()
+        lr = float(lines[-1].split(",")[lines[0].split(",").index("lr")])  # one epoch: the cosine's last value
+        assert lr == pytest.approx(schedule.lr_at(0, steps - 1, steps), rel=1e-4), name
+        assert lr < 0.5 * c.lr  # not the per-epoch value
+
+
+def test_an_unknown_lr_schedule_is_one_line(make_config):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown classify.lr_schedule 'linear': use one of step, cosine$"):
+        make_config("digits_lt", "classify.lr_schedule=linear")
 
 
 def test_input_size_smaller_than_the_images_is_one_line(make_config):

@@ -40,6 +40,8 @@ class ClassifyConfig:
     warmup_epochs: Optional[int] = None  # None = round(5/200 · epochs), at least 1
     decay_epochs: Optional[tuple] = None  # None = (160/200, 180/200) · epochs; lr ×0.01 then ×0.0001
     drw_epoch: Optional[int] = None  # None = the first decay epoch
+    lr_schedule: str = "step"  # step: LDAM-DRW's per-epoch schedule above (the paper's) | cosine: per-iteration
+    #                            warm-up over warmup_epochs, then a cosine to 0 (steadier last epoch for short runs)
     drw_beta: float = 0.9999  # class-balanced weights (1-β)/(1-β^n_c) from drw_epoch on
     ldam_max_m: float = 0.5
     ldam_s: float = 30.0
@@ -57,7 +59,7 @@ class ClassifyConfig:
 
 
 def validate_classify(c: ClassifyConfig, train_methods: tuple) -> None:
-    from models.classify.lt_losses import RECIPES
+    from models.classify.lt_losses import LR_SCHEDULES, RECIPES
     from models.diffusion.samplers import SAMPLERS
 
     if not c.synthetic_recipes and c.synthetic != "none":
@@ -72,6 +74,8 @@ def validate_classify(c: ClassifyConfig, train_methods: tuple) -> None:
         if missing:
             raise ConfigError(f"classify.methods names {', '.join(missing)}, not in train.methods: train it "
                               "first or drop it")
+    if c.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown classify.lr_schedule {c.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
     if c.synthetic not in SYNTHETIC_PLANS:
         raise ConfigError(f"unknown classify.synthetic {c.synthetic!r}: use one of {', '.join(SYNTHETIC_PLANS)}")
     if c.synthetic == "per_class" and c.per_class < 1:

@@ -197,6 +197,8 @@ def arm_key(cfg: Config, arm: Arm, set_key: str) -> str:
     c = dataclasses.asdict(cfg.classify)
     for name in SYNTHETIC_KEYS:
         c.pop(name)
+    if c["lr_schedule"] == "step":  # the default before the option existed: earlier runs' arms keep their keys
+        c.pop("lr_schedule")
     return stable_hash({"recipe": arm.recipe, "set": set_key, "classify": c, "seed": cfg.seed, "arm_seed": arm.seed})
 
 

@@ -30,7 +30,7 @@ from pipeline.config import config_from_dict
 
 
 def epoch_schedule(c) -> EpochSchedule:
-    return EpochSchedule.scaled(c.epochs, c.lr, c.warmup_epochs, c.decay_epochs, c.drw_epoch)
+    return EpochSchedule.scaled(c.epochs, c.lr, c.warmup_epochs, c.decay_epochs, c.drw_epoch, c.lr_schedule)
 
 
 def _evaluate(net, test: dict, num_classes: int, groups: dict, bf16: bool, device, size: int,
@@ -67,6 +67,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     state = make_classifier_state(net, c.lr, c.momentum, c.weight_decay, derive_seed(seed, "classify", arm, rank),
                                   device, fused=job["use_gpu"], input_size=c.input_size, channels_last=channels_last)
     schedule = epoch_schedule(c)
+    steps_per_epoch = max(1, int(np.sum(job["train_counts"])) // c.batch_size)  # the stream's epoch: the set's rows
     loss_fn = ClassifierLoss(get_recipe(recipe), job["train_counts"], schedule, la_tau=c.la_tau,
                              ldam_max_m=c.ldam_max_m, ldam_s=c.ldam_s, drw_beta=c.drw_beta)
     history: list[dict] = []
@@ -96,9 +97,9 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
         report_progress(key, state.epoch, c.epochs, "epoch", min_interval=0.0)
     while state.epoch < c.epochs:
         epoch = state.epoch
-        set_lr(state.opt, schedule.lr_at(epoch))
         total, batches = torch.zeros((), device=device), 0
         for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, prefetch_batches=2):
+            set_lr(state.opt, schedule.lr_at(epoch, batches, steps_per_epoch))  # per epoch for `step`
             images = batch["image"].to(device, non_blocking=True)  # (b, H, W, C) uint8
             y = batch["label"].to(device, non_blocking=True)
             total += classifier_step(state, images, y, loss_fn, epoch, c.augment, bf16)
@@ -107,7 +108,8 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
             raise DeterministicError(f"an epoch of the training set holds no full batch of {per_worker} rows: "
                                      "lower classify.batch_size")
         state.epoch = epoch + 1
-        row = {"epoch": state.epoch, "lr": schedule.lr_at(epoch), "loss": (total / batches).item()}
+        row = {"epoch": state.epoch, "lr": schedule.lr_at(epoch, batches - 1, steps_per_epoch),  # its last step's
+               "loss": (total / batches).item()}
         if not math.isfinite(row["loss"]):
             raise NonFiniteLossError(f"classifier {arm} diverged: loss {row['loss']} at epoch {state.epoch}; "
                                      "lower classify.lr")
