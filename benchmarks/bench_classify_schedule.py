@@ -12,7 +12,6 @@ mean ± std over seeds, the worst seed, and rs − ce with a 95% t-interval over
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import time
@@ -31,17 +30,7 @@ from models.data.longtail import long_tailed_counts, select_long_tailed  # noqa:
 from models.data.resampling import epoch_plan  # noqa: E402
 from models.evaluation.intervals import mean_interval  # noqa: E402
 from models.precision import resolve_bf16  # noqa: E402
-
-ROOT = Path("/usr/share/datasets/fashion-mnist")
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
+from pipeline.sources.fashion_mnist import DEBIAN_DIR, read_idx  # noqa: E402
 
 def load(root: Path):
     xtr, ytr = read_idx(root / "train-images-idx3-ubyte.gz"), read_idx(root / "train-labels-idx1-ubyte.gz")
@@ -81,7 +70,7 @@ def main() -> None:
     ap.add_argument("--recipes", default="ce,rs")
     ap.add_argument("--schedules", default="step,cosine")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data-root", type=Path, default=ROOT)
+    ap.add_argument("--data-root", type=Path, default=DEBIAN_DIR)
     ap.add_argument("--out", type=Path, default=None, help="write every fit's numbers here (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
