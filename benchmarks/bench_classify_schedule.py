@@ -32,6 +32,7 @@ from models.evaluation.intervals import mean_interval  # noqa: E402
 from models.precision import resolve_bf16  # noqa: E402
 from pipeline.sources.fashion_mnist import DEBIAN_DIR, read_idx  # noqa: E402
 
+
 def load(root: Path):
     xtr, ytr = read_idx(root / "train-images-idx3-ubyte.gz"), read_idx(root / "train-labels-idx1-ubyte.gz")
     xte, yte = read_idx(root / "t10k-images-idx3-ubyte.gz"), read_idx(root / "t10k-labels-idx1-ubyte.gz")

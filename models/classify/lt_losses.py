@@ -79,33 +79,23 @@ def class_balanced_weights(counts: Sequence[int], beta: float) -> torch.Tensor:
     return torch.tensor(w / w.sum() * len(n), dtype=torch.float32)
 
 
-LR_SCHEDULES = ("step", "cosine")
-
-
 @dataclass(frozen=True)
 class EpochSchedule:
-    """The classifier's learning rate and DRW switch, scaled to `epochs`.
-
-    kind `step`: LDAM-DRW's per-epoch schedule (warm-up, then ×0.01 and ×0.0001 at the decay
-    epochs), the paper's and the default. kind `cosine`: a per-iteration linear warm-up over the
-    warm-up epochs, then a cosine to 0 at the last iteration (the decay epochs are not used; DRW
-    still switches on at `drw_epoch`). A short run needs the latter: scaled to 3 epochs the step
-    schedule is lr 0.1, 0.1, 0.001, and the last epoch cannot undo where the lr-0.1 phase ended
-    (benchmarks/bench_classify_schedule.py).
-    """
+    """LDAM-DRW's per-epoch learning rate and DRW switch, scaled to `epochs` (`classify.lr_schedule: step`,
+    the paper's and the default). `scaled(..., kind="cosine")` gives a `CosineSchedule` instead."""
 
     epochs: int
     lr: float
     warmup_epochs: int
     decay_epochs: tuple
     drw_epoch: int
-    kind: str = "step"
 
     @classmethod
     def scaled(cls, epochs: int, lr: float, warmup_epochs: Optional[int] = None,
                decay_epochs: Optional[Sequence[int]] = None, drw_epoch: Optional[int] = None,
                kind: str = "step") -> "EpochSchedule":
-        """Milestones left None scale from the 200-epoch recipe (5 warm-up, decay at 160 and 180)."""
+        """Milestones left None scale from the 200-epoch recipe (5 warm-up, decay at 160 and 180);
+        `kind` names the schedule class (LR_SCHEDULES)."""
         if kind not in LR_SCHEDULES:
             raise ValueError(f"unknown classifier lr schedule {kind!r}: use one of {', '.join(LR_SCHEDULES)}")
         if warmup_epochs is None:
@@ -113,23 +103,12 @@ class EpochSchedule:
         if decay_epochs is None:
             decay_epochs = (round(160 * epochs / 200), round(180 * epochs / 200))
         decay_epochs = tuple(int(e) for e in decay_epochs)
-        return cls(epochs, lr, int(warmup_epochs), decay_epochs, int(decay_epochs[0] if drw_epoch is None else drw_epoch),
-                   kind)
+        return LR_SCHEDULES[kind](epochs, lr, int(warmup_epochs), decay_epochs,
+                                  int(decay_epochs[0] if drw_epoch is None else drw_epoch))
 
     def lr_at(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
-        """The lr of iteration `step` (0-based) of 0-based `epoch`, an epoch being `steps_per_epoch` iterations.
-
-        step: as the reference code, per epoch: e = epoch + 1, warm-up lr·e/W for e <= W, then ×0.01
-        after the first decay epoch and ×0.0001 after the second.
-        cosine: with t = epoch·S + step, T = epochs·S, W = warmup_epochs·S: lr·(t + 1)/W for t < W,
-        then lr·(1 + cos(π·(t − W)/(T − W)))/2, so the last iteration's lr is lr·(1 + cos(π·(T−W−1)/(T−W)))/2 ≈ 0.
-        """
-        if self.kind == "cosine":
-            s = max(1, int(steps_per_epoch))
-            t, total, warm = epoch * s + min(int(step), s - 1), self.epochs * s, self.warmup_epochs * s
-            if t < warm:
-                return self.lr * (t + 1) / warm
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - warm) / max(1, total - warm))))
+        """Per epoch, as the reference code (the iteration is ignored): epoch is 0-based, e = epoch + 1,
+        warm-up lr·e/W for e <= W, then ×0.01 after the first decay epoch and ×0.0001 after the second."""
         e = epoch + 1
         if e <= self.warmup_epochs:
             return self.lr * e / self.warmup_epochs
@@ -138,6 +117,26 @@ class EpochSchedule:
 
     def drw_active(self, epoch: int) -> bool:
         return epoch >= self.drw_epoch
+
+
+class CosineSchedule(EpochSchedule):
+    """A per-iteration linear warm-up over the warm-up epochs, then a cosine to 0 at the last iteration
+    (the decay epochs are not used; DRW still switches on at `drw_epoch`). A short run needs it: scaled
+    to 3 epochs the step schedule is lr 0.1, 0.1, 0.001, and the last epoch cannot undo where the
+    lr-0.1 phase ended (benchmarks/bench_classify_schedule.py)."""
+
+    def lr_at(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+        """Iteration `step` (0-based) of 0-based `epoch`, an epoch being S = `steps_per_epoch` iterations:
+        with t = epoch·S + step, T = epochs·S, W = warmup_epochs·S: lr·(t + 1)/W for t < W, then
+        lr·(1 + cos(π·(t − W)/(T − W)))/2, so the last iteration's lr is lr·(1 + cos(π·(T−W−1)/(T−W)))/2 ≈ 0."""
+        s = max(1, int(steps_per_epoch))
+        t, total, warm = epoch * s + min(int(step), s - 1), self.epochs * s, self.warmup_epochs * s
+        if t < warm:
+            return self.lr * (t + 1) / warm
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - warm) / max(1, total - warm))))
+
+
+LR_SCHEDULES = {"step": EpochSchedule, "cosine": CosineSchedule}
 
 
 class ClassifierLoss:
