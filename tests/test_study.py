@@ -109,7 +109,8 @@ def test_a_named_base_run_with_a_finished_ddpm_is_shared_as_it_is(tmp_path):
     from pipeline.config import load_config
     from pipeline.tools.study import base_model
 
-    cfg = load_config(REPO / "configs" / "fmnist_lt_study.yaml", [f"output_dir={tmp_path}", "seed=7"])
+    cfg = load_config(REPO / "configs" / "fmnist_lt_study.yaml", [f"output_dir={tmp_path}", "seed=7",
+                                                                          "study.base=fmnist_lt"])
     ddpm = tmp_path / "runs" / "fmnist_lt" / "train" / "ddpm"
     ddpm.mkdir(parents=True)
     (ddpm / "manifest.json").write_text(json.dumps({"run_key": "another config", "metrics": {"step": 2000}}))
@@ -133,7 +134,7 @@ def test_a_method_with_its_own_source_gets_the_equal_total_budget_and_its_classi
     assert [ms for _, ms in runs] == [("diffrc_cfg",)]
     own = runs[0][0]
     assert own.name == "fmnist_lt_study-own" and own.train.init_from is None
-    assert cfg.diffrc.source_steps + own.train.finetune_steps == cfg.train.steps + cfg.train.finetune_steps == 2150
+    assert cfg.diffrc.source_steps + own.train.finetune_steps == cfg.train.steps + cfg.train.finetune_steps == 2100
     assert cfg.train.finetune_lr == 2.0e-4 and own.train.finetune_lr is None  # the target learns at train.lr
     assert own_source_runs(load_config(REPO / "configs" / "fmnist_lt_study.yaml",
                                        ["study.methods=[ddpm,cbdm]"])) == []
