@@ -43,6 +43,12 @@ def checkpoint_steps(run_dir):
     return steps
 
 
+def interrupted_once(err: str) -> bool:
+    """The job's own last word on a Ctrl-C: one `interrupted:` line and no traceback (Ray's C++ core
+    may still log a line after it while its processes go down)."""
+    return sum(ln.startswith("interrupted:") for ln in err.splitlines()) == 1 and "Traceback" not in err
+
+
 def run_cli(*args, timeout=400):
     return subprocess.run([sys.executable, str(REPO / "pipeline" / "run.py"), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
@@ -66,14 +72,26 @@ def test_main_job_runs_then_skips(tmp_path):
     run_dir, datasets = tmp_path / "runs" / "digits_lt", tmp_path / "datasets"
 
     started = time.perf_counter()
-    proc = start_cli(*base, "--stages", "data")
-    wait_for(lambda: datasets.is_dir() and any(p.name.startswith(".tmp-") for p in datasets.iterdir()), proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted:"), err[-2000:]
-    assert not [p for p in datasets.iterdir() if not p.name.startswith(".")]  # nothing published half-built
+    attempts = []
+    for attempt in range(3):  # Ctrl-C during the data stage's build, each attempt in a fresh folder
+        folder = tmp_path / f"sigint{attempt}"
+        proc = start_cli("--config", "configs/digits_lt.yaml", "--set", f"output_dir={folder}", "--stages", "data")
+        built = folder / "datasets"
+        wait_for(lambda: built.is_dir() and any(p.name.startswith(".tmp-") for p in built.iterdir()), proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        attempts.append(proc.returncode)
+        if proc.returncode == 0 and "data: built" in err:
+            # the build ended before the signal took effect (seen once, in a full suite run on a loaded
+            # 2-core machine, 2026-12-06): the dataset is complete and published; try again
+            assert [p for p in built.iterdir() if not p.name.startswith(".")], err[-2000:]
+            continue
+        assert proc.returncode == 130 and interrupted_once(err), err[-2000:]
+        assert not list(built.iterdir())  # nothing published half-built, and its temp folder removed
+        break
+    assert attempts[-1] == 130, attempts
     print(f"fault: SIGINT during the data stage -> rc 130, no dataset folder published "
-          f"({time.perf_counter() - started:.1f} s to exit)")
+          f"({time.perf_counter() - started:.1f} s to exit; attempts {attempts})")
 
     # every stage but classify (its rerun and resume are tests/test_classify_stage.py's; here it would
     # add a Ray Train fit and an augmentation set to the slowest test of the suite)
@@ -84,7 +102,7 @@ def test_main_job_runs_then_skips(tmp_path):
     wait_for(lambda: checkpoint_steps(run_dir), proc)
     os.killpg(proc.pid, signal.SIGINT)  # Ray Train's own handler aborts the fit; the job still says how to go on
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("interrupted:"), err[-2000:]
+    assert proc.returncode == 130 and interrupted_once(err), err[-2000:]
     assert "label" in out  # the data stage's per-class table
     first = max(checkpoint_steps(run_dir))
     assert first < 30, first
@@ -94,7 +112,7 @@ def test_main_job_runs_then_skips(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # no clean-up at all; its Ray goes with its process group
     proc.communicate()
     kept = max(checkpoint_steps(run_dir))
-    assert not [p for p in datasets.iterdir() if p.name.startswith(".tmp-")]  # the SIGINT build's temp is gone
+    assert not [p for p in datasets.iterdir() if p.name.startswith(".tmp-")]  # no temp left by the interrupted runs
     written = json.loads((run_dir / "config.json").read_text())
     assert written["output_dir"] == str(tmp_path) and written["stages"] == [s for s in STAGES if s != "classify"]
     whole = run_cli(*job)
