@@ -26,6 +26,36 @@ def test_device_choices_follow_the_device():
     assert device_choice(False, False, channels_last=True).channels_last  # an explicit setting wins
 
 
+def test_sampling_is_nhwc_on_cuda_and_on_an_fp32_cpu_and_gives_the_same_images():
+    """Sampling's layout rule (1.40x on an AVX2 CPU in fp32, benchmarks/bench_sample_layout.py) is only
+    a speed choice: the NHWC network's CFG sample equals the NCHW one's from the same seeds."""
+    import copy
+
+    import torch
+
+    from models.diffusion.guidance import CFGDenoiser, ImageNoise
+    from models.diffusion.samplers import generate
+    from models.diffusion.schedule import NoiseSchedule
+    from models.diffusion.unet import build_unet
+    from pipeline.common.devices import sampling_channels_last
+
+    assert sampling_channels_last("cuda", True) and sampling_channels_last("cuda", False)
+    assert sampling_channels_last("cpu", False) and not sampling_channels_last("cpu", True)
+    torch.manual_seed(0)
+    net = build_unet("small", in_channels=1, num_classes=4, cond_drop="sample").eval()
+    with torch.no_grad():  # non-trivial weights: the output layers start at gain 1e-5, i.e. an almost-zero output
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    nhwc = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    schedule, y = NoiseSchedule("linear", 1000), torch.tensor([0, 1, 2, 3])
+    with torch.inference_mode():
+        a, b = (generate(CFGDenoiser(n, 2.0, n.null_label), schedule, ImageNoise([5, 6, 7, 8], (1, 28, 28), "cpu"),
+                         y, sampler="euler_a", steps=3) for n in (net, nhwc))
+    assert a.std() > 0.1 and torch.allclose(a, b, atol=1e-4), (float(a.std()), float((a - b).abs().max()))
+
+
 def test_every_section_defaults_to_auto(make_config):
     cfg = make_config("fmnist_lt")
     assert {getattr(cfg, s).use_gpu for s in ("train", "sample", "evaluate", "classify")} == {"auto"}
