@@ -50,7 +50,7 @@ class ClassifyConfig:
     augment: bool = True  # RandomCrop(input_size, pad 4) + horizontal flip
     eval_every: int = 1  # test-set evaluation cadence in epochs (the last epoch always)
     bf16: Union[bool, str] = "auto"  # auto: bf16 where the device has bf16 kernels (models/precision.py)
-    channels_last: Optional[bool] = None  # None = per device: on for CUDA (no gain on CPU: bench_classify.py)
+    channels_last: Optional[bool] = None  # None = per device: CUDA or an fp32 CPU (pipeline/common/devices.py)
     num_workers: int = 1
     use_gpu: Union[bool, str] = "auto"  # auto: GPUs when the cluster has them
     cpus_per_worker: float = 1.0
