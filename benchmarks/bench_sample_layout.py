@@ -6,7 +6,7 @@ two layouts' images (the same seeds).
         [--sampler euler_a] [--steps 15] [--omega 3]
 
 Without a checkpoint the default preset's network with its initial weights is timed (the speed does
-not depend on the weights). pipeline/common/devices.py:sampling_channels_last uses the result.
+not depend on the weights). pipeline/common/devices.py:conv_channels_last uses the result.
 """
 from __future__ import annotations
 

@@ -49,21 +49,14 @@ def device_choice(use_gpu: bool, bf16: bool, channels_last: bool | None = None) 
                         fused_optimizer=use_gpu)
 
 
-def sampling_channels_last(device, bf16: bool) -> bool:
-    """NHWC weights for sampling (the sample stage's actors, the study's ω sweep, `generate`, the
-    sampling sweep): on CUDA, and on a CPU computing in fp32, where Euler ancestral 15 steps + CFG at
-    batch 100 made 1.40× the images per second on a 2-core AVX2 AMD EPYC with outputs equal to 2e-7
-    (benchmarks/bench_sample_layout.py). Off under CPU bf16 autocast: not measured there. Training
-    keeps device_choice's rule: on the same CPU an NHWC training step was slower (71 vs 83 img/s)."""
-    return torch.device(device).type == "cuda" or not bf16
-
-
-def classifier_channels_last(device, bf16: bool) -> bool:
-    """NHWC ResNet-32 (weights and inputs) for the classify stage when `classify.channels_last` is
-    unset: on CUDA, and on a CPU computing in fp32, where a training step ran 1.19x the images per
-    second (242 -> 288 img/s at batch 128, 28x28, 2 threads, two interleaved repeats, a 2-core AVX2
-    AMD EPYC; benchmarks/bench_classify.py measures both layouts). Off under CPU bf16 autocast, where
-    it gained nothing on the AVX-512 machines this was first measured on."""
+def conv_channels_last(device, bf16: bool) -> bool:
+    """NHWC weights (and classifier inputs) for sampling and the classify stage: on CUDA, and on a CPU
+    computing in fp32. Measured on a 2-core AVX2-only AMD EPYC, 2 threads: Euler ancestral 15 steps +
+    CFG at batch 100 made 1.40x the images per second with images equal to 2e-7
+    (benchmarks/bench_sample_layout.py); a ResNet-32 training step 1.19x (242 -> 288 img/s, batch 128,
+    28x28; benchmarks/bench_classify.py). Off under CPU bf16 autocast: not measured for sampling, no
+    gain for the classifier on the AVX-512 machines. Diffusion training keeps device_choice's rule: on
+    the same CPU an NHWC training step was slower (71 vs 83 img/s)."""
     return torch.device(device).type == "cuda" or not bf16
 
 
@@ -84,10 +77,8 @@ def resolve_devices(cfg) -> dict:
         if gpu and not torch.cuda.is_available() and getattr(sec, "bf16", False) == "auto":
             bf16 = True  # the driver has no GPU to ask; the workers resolve auto on theirs (Ampere+: bf16)
         channels = getattr(sec, "channels_last", None) if section in ("train", "classify") else None
-        if section == "sample":
-            channels = sampling_channels_last("cuda" if gpu else "cpu", bf16)
-        elif section == "classify" and channels is None:
-            channels = classifier_channels_last("cuda" if gpu else "cpu", bf16)
+        if section == "sample" or (section == "classify" and channels is None):
+            channels = conv_channels_last("cuda" if gpu else "cpu", bf16)
         out[section] = device_choice(gpu, bf16, channels).as_dict()
     out["cluster_gpus"] = gpus
     return out

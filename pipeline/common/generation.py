@@ -43,18 +43,18 @@ def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, devic
     """The sampling denoiser of a trained model: CFG (or the null label for an unconditional
     backbone), wrapped in the model's sampling-time guidance when it has one (`guidance_scale`
     overrides the scale it was trained with; `guidance_norm` normalises its gradient). The network's
-    weights are made NHWC where that is faster (pipeline.common.devices.sampling_channels_last)."""
+    weights are made NHWC where that is faster (pipeline.common.devices.conv_channels_last)."""
     import torch
 
     from models.diffusion.guidance import CFGDenoiser, ClassifierGuidance, NullLabelDenoiser
     from models.methods.registry import GUIDANCES
     from pipeline.common.artifacts import model_extras
-    from pipeline.common.devices import sampling_channels_last
+    from pipeline.common.devices import conv_channels_last
 
     extras = model_extras(weights)
     dtype = torch.bfloat16 if resolve_bf16(bf16, device) else None
-    if sampling_channels_last(device, dtype is not None):
-        net = net.to(memory_format=torch.channels_last)  # the same images, faster (sampling_channels_last)
+    if conv_channels_last(device, dtype is not None):
+        net = net.to(memory_format=torch.channels_last)  # the same images, faster (conv_channels_last)
     if extras["conditional"]:
         den = CFGDenoiser(net, omega, net.null_label, autocast_dtype=dtype)
     else:

@@ -22,7 +22,7 @@ from models.classify.training import classifier_step, make_classifier_state, pre
 from models.precision import resolve_bf16
 from models.seeding import derive_seed
 from pipeline.common.artifacts import build_classifier
-from pipeline.common.devices import classifier_channels_last
+from pipeline.common.devices import conv_channels_last
 from pipeline.common.launcher import DeterministicError, NonFiniteLossError, report_checkpoint
 from pipeline.common.progress import report_progress
 from pipeline.common.storage import ensure_local, push_path, storage_of
@@ -64,7 +64,7 @@ def train_arm_job(job: dict, shard, checkpoint) -> dict:
     num_classes, image_shape = job["num_classes"], tuple(job["image_shape"])
 
     net = build_classifier(recipe, num_classes, image_shape[2])
-    channels_last = classifier_channels_last(device, bf16) if c.channels_last is None else c.channels_last
+    channels_last = conv_channels_last(device, bf16) if c.channels_last is None else c.channels_last
     state = make_classifier_state(net, c.lr, c.momentum, c.weight_decay, derive_seed(seed, "classify", arm, rank),
                                   device, fused=job["use_gpu"], input_size=c.input_size, channels_last=channels_last)
     schedule = epoch_schedule(c)
