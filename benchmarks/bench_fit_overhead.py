@@ -9,7 +9,13 @@ measured inside the worker) and their difference, the fixed cost: worker-group s
 the dataset's streaming split, checkpoint reads and the driver's wait. Also a diffusion fine-tune
 wave the same way (`--finetunes`). Prints one table; the ratio is measured in this one run.
 
+`--poll R`: instead, the fixed cost of one fit (a one-epoch arm per fit) with Ray Train's controller
+polling its workers every 2 s (Ray's default) against every 0.5 s (pipeline/common/launcher.py's
+TRAIN_POLL_S), interleaved over R rounds in this one process (the controller takes the variable from
+the process calling fit(), so it can change between fits).
+
     python benchmarks/bench_fit_overhead.py [--arms 4] [--epochs 2] [--finetunes 2]
+    python benchmarks/bench_fit_overhead.py --poll 4 [--arms 2]
 """
 from __future__ import annotations
 
@@ -89,11 +95,47 @@ def measure_finetunes(out: Path, finetunes: int) -> dict:
     return rows
 
 
+def measure_poll(out: Path, arms: int, rounds: int) -> None:
+    import os
+    import statistics
+
+    from pipeline.common.launcher import TRAIN_POLL_ENV, TRAIN_POLL_S
+    from pipeline.config import load_config
+    from pipeline.stages.s1_data import run_data
+    from pipeline.stages.s5_classify import train_arms
+
+    fixed: dict[str, list[float]] = {"2.0": [], TRAIN_POLL_S: []}
+    for r in range(rounds):
+        for value in fixed:
+            os.environ[TRAIN_POLL_ENV] = value
+            cfg = load_config(REPO / "configs" / "digits_lt.yaml", [
+                f"output_dir={out / f'poll-{r}-{value}'}", "classify.epochs=1", "classify.batch_size=64",
+                "classify.synthetic=none", "classify.baselines=[ce,rs,la,ldam_drw]", "classify.eval_every=100",
+                "classify.bf16=false"])
+            data = run_data(cfg)
+            sets = {None: (data.split_dir("train"), data.manifest["config_hash"],
+                           {"real": data.manifest["class_counts"], "synthetic": [0] * data.num_classes})}
+            for arm in _arms(cfg, arms):
+                started = time.perf_counter()
+                result = train_arms(cfg, data, [arm], sets)
+                fixed[value].append(time.perf_counter() - started - result[arm.name].metrics["fit_seconds"])
+    print(f"| controller poll interval | fits | fixed cost per fit s (mean ± std) |")
+    print("|---|---|---|")
+    for value, xs in fixed.items():
+        print(f"| {value} s | {len(xs)} | {statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f} |")
+    diffs = [a - b for a, b in zip(fixed["2.0"], fixed[TRAIN_POLL_S])]  # fit i of a round against fit i
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    half = 2.0 * sd / len(diffs) ** 0.5  # ~95% for the mean of the paired differences
+    print(f"saved per fit at {TRAIN_POLL_S} s: {mean:.2f} s [{mean - half:.2f}, {mean + half:.2f}] "
+          f"({len(diffs)} paired fits, {rounds} interleaved rounds)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--arms", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--finetunes", type=int, default=2)
+    parser.add_argument("--poll", type=int, default=0, metavar="ROUNDS")
     args = parser.parse_args()
     import ray
 
@@ -101,6 +143,13 @@ def main() -> None:
 
     init_ray(num_cpus=2)
     out = Path(tempfile.mkdtemp(prefix="bench-fit-"))
+    if args.poll:
+        try:
+            measure_poll(out, args.arms, args.poll)
+        finally:
+            ray.shutdown()
+            shutil.rmtree(out, ignore_errors=True)
+        return
     try:
         table = {"classifier arms": measure_classify(out, args.arms, args.epochs)}
         if args.finetunes:

@@ -146,32 +146,6 @@ def test_main_job_runs_then_skips(tmp_path):
     print(f"rerun of the whole main job with nothing changed: {seconds:.1f} s")
 
 
-def test_diffrc_main_job_end_to_end(tmp_path):
-    """`train.methods=[diffrc]` on the digits preset through the CLI, every stage: its head-class source
-    model and feature network trained first, the target from the source, guided samples, the source and
-    unguided companion grids, its evaluation, its real + synthetic classifier arm and the report."""
-    res = run_cli("--config", "configs/digits_lt.yaml", "--set", f"output_dir={tmp_path}",
-                  "--set", "train.methods=[diffrc]", "--set", "train.steps=8", "--set", "diffrc.source_steps=6",
-                  "--set", "diffrc.feature_steps=6", "--set", "sample.per_class=3", "--set", "sample.grid_per_class=2",
-                  "--set", "classify.baselines=[ce]", "--set", "classify.epochs=1",
-                  "--set", "classify.synthetic=per_class", "--set", "classify.per_class=5", timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "digits_lt"
-    stages = json.loads((run_dir / "stages.json").read_text())
-    assert stages["models"]["diffrc"]["step"] == 8
-    manifest = json.loads((run_dir / "train" / "diffrc" / "manifest.json").read_text())
-    assert manifest["init_from"].endswith("diffrc-source/model.pt"), manifest["init_from"]
-    assert "diffrc_pair" in (run_dir / "train" / "diffrc" / "loss.csv").read_text().splitlines()[0].split(",")
-    for folder in ("diffrc", "diffrc-source", "diffrc-unguided"):
-        assert (run_dir / "samples" / folder / "grid.png").stat().st_size > 0, folder
-    metrics = json.loads((run_dir / "evaluation" / "diffrc" / "metrics.json").read_text())
-    assert metrics["fid"] > 0 and "diversity" in metrics
-    table = (run_dir / "classify" / "table.md").read_text()
-    assert "| syn-diffrc |" in table and "| ce |" in table
-    report = (run_dir / "report.md").read_text()
-    assert "diffrc-source" in report and "samples/diffrc-source/grid.png" in report
-
-
 @pytest.mark.parametrize("args, message", [
     (["--set", "data.imb_factor=3"], "outside (0, 1]"),
     (["--set", "data.datset=digits"], "did you mean data.dataset?"),

@@ -126,10 +126,10 @@ def test_non_finite_loss_stops_with_a_clear_error(ray_session, tmp_path):
 
 
 def test_composed_methods_and_fine_tuning_through_ray_train(ray_session, tmp_path):
-    cfg = load_config(REPO / "configs" / "digits_lt.yaml", [
-        f"output_dir={tmp_path}", *TINY, "train.num_workers=1", "train.steps=3", "train.log_every=1",
-        "train.methods=[ddpm,cbdm+diffrop,t2h,diffrc,pcg]", "train.init_from=ddpm", "diffrop.group_size=4",
-        "oc.batch_resample=true", "oc.cutoff=800", "diffrc.source_steps=3", "diffrc.feature_steps=3"])
+    overrides = [f"output_dir={tmp_path}", *TINY, "train.num_workers=1", "train.steps=3", "train.log_every=1",
+                 "train.methods=[ddpm,cbdm+diffrop,t2h,diffrc,pcg]", "train.init_from=ddpm", "diffrop.group_size=4",
+                 "oc.batch_resample=true", "oc.cutoff=800", "diffrc.source_steps=3", "diffrc.feature_steps=3"]
+    cfg = load_config(REPO / "configs" / "digits_lt.yaml", overrides)
     data = run_data(cfg)
     models = run_train(cfg, data)
     for method in ("ddpm", "cbdm+diffrop", "t2h", "diffrc", "pcg"):
@@ -172,4 +172,25 @@ def test_composed_methods_and_fine_tuning_through_ray_train(ray_session, tmp_pat
     assert curve[-1] > curve[0] + 0.3  # (repeated tail rows in a balanced batch transfer even at t=0)
     manifest = json.loads((t2h / "manifest.json").read_text())
     assert manifest["init_from"].endswith("ddpm/model.pt") and manifest["resample"] == "balanced_batch"
+
+    # DiffRC through the stages after sampling (what `train.methods=[diffrc]` runs): its evaluation,
+    # its real + synthetic classifier arm (augmentation images from the guided denoiser) and the
+    # report, which shows the source and unguided companion grids
+    from pipeline.stages.s4_evaluate import run_evaluate
+    from pipeline.stages.s5_classify import run_classify
+    from pipeline.stages.s6_report import run_report
+
+    rc = load_config(REPO / "configs" / "digits_lt.yaml", [
+        *overrides, "train.methods=[diffrc]", "train.init_from=null", "classify.baselines=[ce]", "classify.epochs=1", "classify.batch_size=32",
+        "classify.input_size=8", "classify.synthetic=per_class", "classify.per_class=5"])
+    evaluated = run_evaluate(rc, data, {"diffrc": guided["diffrc"]})
+    metrics = json.loads((evaluated["diffrc"].path / "metrics.json").read_text())
+    assert metrics["fid"] > 0 and "diversity" in metrics
+    arms = run_classify(rc, data, {"diffrc": models["diffrc"]})
+    assert set(arms) == {"ce", "syn-diffrc"}
+    table = (rc.run_dir / "classify" / "table.md").read_text()
+    assert "| syn-diffrc |" in table and "| ce |" in table
+    report = run_report(rc, {"data": data, "train": {"diffrc": models["diffrc"]}, "sample": {"diffrc": guided["diffrc"]},
+                             "evaluate": evaluated, "classify": arms}).read_text()
+    assert "diffrc-source" in report and "samples/diffrc-source/grid.png" in report
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,14 @@ DETERMINISTIC = ("DeterministicError", "NonFiniteLossError", "TaildiffError", "C
                  "UnpicklingError", "FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError",
                  "ValueError", "KeyError", "TypeError", "AttributeError", "ImportError", "ModuleNotFoundError",
                  "OSError: [Errno 28]", "No space left on device")
+
+
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s),
+# so a fit's end is noticed up to that late: a cost on every short fit (benchmarks/bench_fit_overhead.py
+# --poll). A poll is one small task per worker; a hanging one is an error only after 10 minutes
+# (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S), so polling more often is safe. A value the user sets wins.
+# Ray Train passes the variable from the process calling fit() to its controller.
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
 MAX_JOBS_PER_FIT = 6  # a run's jobs go into fits of at most this many: each job's dataset has its own
@@ -218,6 +227,7 @@ def run_jobs(loop: str, jobs: list[Job], *, name: str, storage: Path, scaling: S
             where = f"step {progress['step']}" if "step" in progress else f"epoch {progress.get('epoch')}"
             log.info("%s: resuming from %s (%s)", what, where, progress["job"])
         datasets = {job.name: job.stream(start.get(job.name, 0)) for job in jobs}
+        os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
         ingest = ray.train.DataConfig.default_ingest_options()
         ingest.preserve_order = True  # the plan's order: reproducible batches, exact mid-epoch resume
         trainer = TorchTrainer(
