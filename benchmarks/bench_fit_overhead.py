@@ -15,7 +15,7 @@ TRAIN_POLL_S), interleaved over R rounds in this one process (the controller tak
 the process calling fit(), so it can change between fits).
 
     python benchmarks/bench_fit_overhead.py [--arms 4] [--epochs 2] [--finetunes 2]
-    python benchmarks/bench_fit_overhead.py --poll 4 [--arms 2]
+    python benchmarks/bench_fit_overhead.py --poll 3 [--arms 2]
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def measure_poll(out: Path, arms: int, rounds: int) -> None:
                 started = time.perf_counter()
                 result = train_arms(cfg, data, [arm], sets)
                 fixed[value].append(time.perf_counter() - started - result[arm.name].metrics["fit_seconds"])
-    print(f"| controller poll interval | fits | fixed cost per fit s (mean ± std) |")
+    print("| controller poll interval | fits | fixed cost per fit s (mean ± std) |")
     print("|---|---|---|")
     for value, xs in fixed.items():
         print(f"| {value} s | {len(xs)} | {statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f} |")
