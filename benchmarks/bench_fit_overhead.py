@@ -36,6 +36,12 @@ def _arms(cfg, n):
     return [a for a in plan_arms(cfg) if a.method is None][:n]
 
 
+def _real_sets(data) -> dict:
+    """train_arms' training sets for real-only arms: the dataset's train split, nothing synthetic."""
+    return {None: (data.split_dir("train"), data.manifest["config_hash"],
+                   {"real": data.manifest["class_counts"], "synthetic": [0] * data.num_classes})}
+
+
 def measure_classify(out: Path, arms: int, epochs: int) -> dict:
     from pipeline.config import load_config
     from pipeline.stages.s1_data import run_data
@@ -48,8 +54,7 @@ def measure_classify(out: Path, arms: int, epochs: int) -> dict:
             "classify.baselines=[ce,rs,la,ldam_drw]", "classify.eval_every=100", "classify.bf16=false"])
         data = run_data(cfg)
         chosen = _arms(cfg, arms)
-        sets = {None: (data.split_dir("train"), data.manifest["config_hash"],
-                       {"real": data.manifest["class_counts"], "synthetic": [0] * data.num_classes})}
+        sets = _real_sets(data)
         started = time.perf_counter()
         if mode == "per-fit":
             results = {}
@@ -99,6 +104,7 @@ def measure_poll(out: Path, arms: int, rounds: int) -> None:
     import os
     import statistics
 
+    from models.evaluation.intervals import paired_seed_difference
     from pipeline.common.launcher import TRAIN_POLL_ENV, TRAIN_POLL_S
     from pipeline.config import load_config
     from pipeline.stages.s1_data import run_data
@@ -113,8 +119,7 @@ def measure_poll(out: Path, arms: int, rounds: int) -> None:
                 "classify.synthetic=none", "classify.baselines=[ce,rs,la,ldam_drw]", "classify.eval_every=100",
                 "classify.bf16=false"])
             data = run_data(cfg)
-            sets = {None: (data.split_dir("train"), data.manifest["config_hash"],
-                           {"real": data.manifest["class_counts"], "synthetic": [0] * data.num_classes})}
+            sets = _real_sets(data)
             for arm in _arms(cfg, arms):
                 started = time.perf_counter()
                 result = train_arms(cfg, data, [arm], sets)
@@ -123,11 +128,10 @@ def measure_poll(out: Path, arms: int, rounds: int) -> None:
     print("|---|---|---|")
     for value, xs in fixed.items():
         print(f"| {value} s | {len(xs)} | {statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f} |")
-    diffs = [a - b for a, b in zip(fixed["2.0"], fixed[TRAIN_POLL_S])]  # fit i of a round against fit i
-    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    half = 2.0 * sd / len(diffs) ** 0.5  # ~95% for the mean of the paired differences
-    print(f"saved per fit at {TRAIN_POLL_S} s: {mean:.2f} s [{mean - half:.2f}, {mean + half:.2f}] "
-          f"({len(diffs)} paired fits, {rounds} interleaved rounds)")
+    d = paired_seed_difference(fixed["2.0"], fixed[TRAIN_POLL_S])  # fit i of a round against fit i, t-interval
+    verdict = "" if d["real"] else ": no difference"
+    print(f"saved per fit at {TRAIN_POLL_S} s: {d['mean']:.2f} s [{d['low']:.2f}, {d['high']:.2f}] 95% "
+          f"({d['n']} paired fits, {rounds} interleaved rounds){verdict}")
 
 
 def main() -> None:
@@ -137,6 +141,8 @@ def main() -> None:
     parser.add_argument("--finetunes", type=int, default=2)
     parser.add_argument("--poll", type=int, default=0, metavar="ROUNDS")
     args = parser.parse_args()
+    if args.poll and args.poll * args.arms < 2:
+        parser.error("--poll needs at least two fits per interval for a spread: --poll 2, or --arms 2")
     import ray
 
     from pipeline.common.ray_setup import init_ray

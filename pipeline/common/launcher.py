@@ -44,10 +44,12 @@ DETERMINISTIC = ("DeterministicError", "NonFiniteLossError", "TaildiffError", "C
 
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s),
-# so a fit's end is noticed up to that late: a cost on every short fit (benchmarks/bench_fit_overhead.py
-# --poll). A poll is one small task per worker; a hanging one is an error only after 10 minutes
-# (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S), so polling more often is safe. A value the user sets wins.
-# Ray Train passes the variable from the process calling fit() to its controller.
+# so a fit's end is noticed up to that late. Against a fit's ~19 s fixed cost on a 2-core machine the
+# saving was not measurable (benchmarks/bench_fit_overhead.py --poll 2: 2.08 s [-3.80, +7.96] per fit);
+# kept as a known wait removed. A poll is one small task per worker; a hanging one is an error only
+# after 10 minutes (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S), so polling more often is safe. A value
+# the user sets wins. Ray Train passes the variable from the process calling fit() (the driver, or a
+# Tune trial's process) to its controller, hence set here, where every fit starts.
 TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
@@ -215,6 +217,7 @@ def run_jobs(loop: str, jobs: list[Job], *, name: str, storage: Path, scaling: S
 
     from pipeline.common.storage import ray_storage
 
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     storage_path, fs = ray_storage(shared, output_dir, storage) if shared else (str(storage), None)
     run_path = f"{storage_path}/{name}"
     jobs = list(jobs)
@@ -227,7 +230,6 @@ def run_jobs(loop: str, jobs: list[Job], *, name: str, storage: Path, scaling: S
             where = f"step {progress['step']}" if "step" in progress else f"epoch {progress.get('epoch')}"
             log.info("%s: resuming from %s (%s)", what, where, progress["job"])
         datasets = {job.name: job.stream(start.get(job.name, 0)) for job in jobs}
-        os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
         ingest = ray.train.DataConfig.default_ingest_options()
         ingest.preserve_order = True  # the plan's order: reproducible batches, exact mid-epoch resume
         trainer = TorchTrainer(
