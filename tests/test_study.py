@@ -103,6 +103,50 @@ def test_the_study_clock_sums_invocations_and_keeps_an_interrupted_one(tmp_path)
     assert [inv["seconds"] for inv in record["invocations"]] == [140.0, 32.0]
 
 
+def test_the_study_clock_keeps_the_seconds_of_a_phase_that_a_kill_cut_short(tmp_path):
+    """A SIGKILL mid-phase (a session's end) skips the lap: the heartbeat's last `running` value counts as
+    `interrupted` in the totals, so the resumed study does not lose the time its first invocation spent."""
+    from pipeline.tools.study_report import InvocationClock
+
+    t = [0.0]
+    first = InvocationClock(tmp_path, heartbeat_s=None, now=lambda: t[0])
+    t[0] = 100.0
+    assert first.lap("train") == 100.0
+    t[0] = 130.0
+    first.beat()  # 30 s into sample_evaluate ...
+    t[0] = 140.0  # ... killed: no lap, no close, the last 10 s are lost (at most one heartbeat period)
+    second = InvocationClock(tmp_path, heartbeat_s=None, now=lambda: t[0])
+    t[0] = 145.0
+    second.lap("train")  # reused
+    t[0] = 165.0
+    second.lap("sample_evaluate")  # only the part the first invocation had not finished
+    second.close()
+    assert second.totals() == {"seconds": 155.0, "invocations": 2,
+                               "seconds_by_phase": {"train": 105.0, "interrupted": 30.0, "sample_evaluate": 20.0}}
+    record = json.loads((tmp_path / "study_timings.json").read_text())
+    assert [inv.get("running") for inv in record["invocations"]] == [30.0, None]
+
+
+def test_the_study_clock_beats_in_the_background_and_an_exception_keeps_its_phase(tmp_path):
+    import time
+
+    from pipeline.tools.study_report import InvocationClock
+
+    path = tmp_path / "study_timings.json"
+    clock = InvocationClock(tmp_path, heartbeat_s=0.02)
+    deadline = time.monotonic() + 10
+    while not (path.exists() and "running" in json.loads(path.read_text())["invocations"][0]):
+        assert time.monotonic() < deadline, "no heartbeat written"
+        time.sleep(0.01)
+    clock.lap("train")
+    clock.close()  # finished: nothing under way is left on the record
+    assert "running" not in json.loads(path.read_text())["invocations"][0]
+    failed = InvocationClock(tmp_path, heartbeat_s=None)
+    failed.close(interrupted=True)  # the exception path: the unfinished phase's seconds are written
+    assert json.loads(path.read_text())["invocations"][1]["running"] >= 0.0
+    assert "interrupted" in InvocationClock(tmp_path, heartbeat_s=None).totals()["seconds_by_phase"]
+
+
 def test_a_named_base_run_with_a_finished_ddpm_is_shared_as_it_is(tmp_path):
     """A study whose config differs from the base run's (another seed) reuses that run's DDPM: it
     must not retrain it, which would overwrite the model every other study of the folder shares."""

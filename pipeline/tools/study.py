@@ -149,58 +149,63 @@ def evaluate_models(cfg: Config, data, models: dict, omegas: dict) -> dict:
 
 def run_study(cfg: Config) -> dict:
     from pipeline.common.locking import run_lock
+    from pipeline.tools.study_report import InvocationClock
+
+    started = time.perf_counter()
+    with run_lock(cfg.run_dir):
+        clock = InvocationClock(cfg.run_dir)  # every invocation's phases, kept across interruptions and kills
+        try:
+            out = _phases(cfg, clock, started)
+        except BaseException:
+            clock.close(interrupted=True)  # the seconds of the phase that failed stay on the record
+            raise
+        clock.close()
+        return out
+
+
+def _phases(cfg: Config, clock, started: float) -> dict:
     from pipeline.common.ray_setup import init_ray
     from pipeline.stages.s1_data import run_data
     from pipeline.stages.s2_train import run_train
     from pipeline.stages.s5_classify import run_classify
-    from pipeline.tools.study_report import InvocationClock, write_results
+    from pipeline.tools.study_report import write_results
 
     s = cfg.study
-    started = time.perf_counter()
-    with run_lock(cfg.run_dir):
-        init_ray()
-        data = run_data(cfg)
-        base = base_model(cfg, data)
-        timings = {}
-        clock = InvocationClock(cfg.run_dir)  # every invocation's phases, kept across interruptions
-
-        def lap(phase: str) -> None:  # the seconds since the previous phase ended
-            timings[phase] = time.perf_counter() - started - sum(timings.values())
-            clock.lap(phase, timings[phase])
-
-        own = own_source_runs(cfg)
-        owned = {m for _, ms in own for m in ms}
-        ft = _replace(cfg, train={"methods": tuple(m for m in s.methods if m not in owned), "init_from": str(base)})
-        models = run_train(ft, data)
-        for own_cfg, _ in own:
-            models.update(run_train(own_cfg, data))
-        models = {m: models[m] for m in s.methods}
-        lap("train")
-        eqc_models = {}
-        for cost in sorted({forward_cost(m, cfg) for m in s.equal_compute}):
-            group = tuple(m for m in s.equal_compute if forward_cost(m, cfg) == cost)
-            steps = max(1, int(round((cfg.train.finetune_steps or cfg.train.steps) / cost)))
-            eqc = _replace(cfg, name=f"{cfg.name}-eqc{cost:g}",
-                           train={"methods": group, "init_from": str(base), "finetune_steps": steps})
-            for m, art in run_train(eqc, data).items():
-                eqc_models[f"{m}@{steps}steps"] = (eqc, art)
-        lap("train_equal_compute")
-        omegas = choose_omegas(ft, data, models)
-        lap("omega_sweep")
-        evaluations = evaluate_models(ft, data, models, omegas)
-        eqc_evals = {}
-        for label, (eqc, art) in eqc_models.items():
-            omega = choose_omegas(eqc, data, {art.method: art})[art.method]
-            omegas[label] = omega
-            eqc_evals[label] = evaluate_models(eqc, data, {art.method: art}, {art.method: omega})[art.method]
-        lap("sample_evaluate")
-        classified = classify_methods(s, evaluations)
-        cls = classify_config(ft, classified)
-        classifiers = run_classify(cls, data, {m: models[m] for m in classified}, omegas=omegas)
-        lap("classify")
-        seconds = time.perf_counter() - started
-    return write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, classified, seconds,
-                         clock=clock)
+    init_ray()
+    data = run_data(cfg)
+    base = base_model(cfg, data)
+    own = own_source_runs(cfg)
+    owned = {m for _, ms in own for m in ms}
+    ft = _replace(cfg, train={"methods": tuple(m for m in s.methods if m not in owned), "init_from": str(base)})
+    models = run_train(ft, data)
+    for own_cfg, _ in own:
+        models.update(run_train(own_cfg, data))
+    models = {m: models[m] for m in s.methods}
+    clock.lap("train")  # each lap: the seconds since the previous one (the first: since the clock's start)
+    eqc_models = {}
+    for cost in sorted({forward_cost(m, cfg) for m in s.equal_compute}):
+        group = tuple(m for m in s.equal_compute if forward_cost(m, cfg) == cost)
+        steps = max(1, int(round((cfg.train.finetune_steps or cfg.train.steps) / cost)))
+        eqc = _replace(cfg, name=f"{cfg.name}-eqc{cost:g}",
+                       train={"methods": group, "init_from": str(base), "finetune_steps": steps})
+        for m, art in run_train(eqc, data).items():
+            eqc_models[f"{m}@{steps}steps"] = (eqc, art)
+    clock.lap("train_equal_compute")
+    omegas = choose_omegas(ft, data, models)
+    clock.lap("omega_sweep")
+    evaluations = evaluate_models(ft, data, models, omegas)
+    eqc_evals = {}
+    for label, (eqc, art) in eqc_models.items():
+        omega = choose_omegas(eqc, data, {art.method: art})[art.method]
+        omegas[label] = omega
+        eqc_evals[label] = evaluate_models(eqc, data, {art.method: art}, {art.method: omega})[art.method]
+    clock.lap("sample_evaluate")
+    classified = classify_methods(s, evaluations)
+    cls = classify_config(ft, classified)
+    classifiers = run_classify(cls, data, {m: models[m] for m in classified}, omegas=omegas)
+    clock.lap("classify")
+    return write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas, classified,
+                         time.perf_counter() - started, clock=clock)
 
 
 def classify_config(ft: Config, classified: list[str]) -> Config:
