@@ -88,7 +88,7 @@ def test_bootstrap_fid_interval_covers_the_truth_and_a_set_against_itself_is_zer
 def test_the_study_clock_sums_invocations_and_keeps_an_interrupted_one(tmp_path):
     """An invocation that stops after a phase (interrupt, crash) keeps its seconds in the run folder;
     the next invocation's totals add to them."""
-    from pipeline.tools.study_report import InvocationClock
+    from pipeline.tools.study_clock import InvocationClock
 
     first = InvocationClock(tmp_path)
     first.lap("train", 100.0)
@@ -106,7 +106,7 @@ def test_the_study_clock_sums_invocations_and_keeps_an_interrupted_one(tmp_path)
 def test_the_study_clock_keeps_the_seconds_of_a_phase_that_a_kill_cut_short(tmp_path):
     """A SIGKILL mid-phase (a session's end) skips the lap: the heartbeat's last `running` value counts as
     `interrupted` in the totals, so the resumed study does not lose the time its first invocation spent."""
-    from pipeline.tools.study_report import InvocationClock
+    from pipeline.tools.study_clock import InvocationClock
 
     t = [0.0]
     first = InvocationClock(tmp_path, heartbeat_s=None, now=lambda: t[0])
@@ -130,7 +130,7 @@ def test_the_study_clock_keeps_the_seconds_of_a_phase_that_a_kill_cut_short(tmp_
 def test_the_study_clock_beats_in_the_background_and_an_exception_keeps_its_phase(tmp_path):
     import time
 
-    from pipeline.tools.study_report import InvocationClock
+    from pipeline.tools.study_clock import InvocationClock
 
     path = tmp_path / "study_timings.json"
     clock = InvocationClock(tmp_path, heartbeat_s=0.02)

@@ -149,7 +149,7 @@ def evaluate_models(cfg: Config, data, models: dict, omegas: dict) -> dict:
 
 def run_study(cfg: Config) -> dict:
     from pipeline.common.locking import run_lock
-    from pipeline.tools.study_report import InvocationClock
+    from pipeline.tools.study_clock import InvocationClock
 
     started = time.perf_counter()
     with run_lock(cfg.run_dir):
