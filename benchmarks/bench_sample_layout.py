@@ -27,6 +27,7 @@ def main() -> None:
     from models.diffusion.guidance import CFGDenoiser, ImageNoise
     from models.diffusion.samplers import generate
     from pipeline.common.artifacts import build_net, load_model, make_schedule
+    from pipeline.common.machine import cpu_name
     from pipeline.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,18 +66,6 @@ def main() -> None:
     ratio = np.median(np.array(rates["channels_last"]) / np.array(rates["contiguous"]))
     diff = float((images["channels_last"] - images["contiguous"]).abs().max())
     print(f"  channels_last / contiguous: {ratio:.2f}x (median of per-repeat ratios); max |Δ image| {diff:.1e}")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                isa = "AMX" if "amx_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
-                return f"{line.split(':', 1)[1].strip()} ({isa})"
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

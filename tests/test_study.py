@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from pipeline.common.machine import git_commit
+from pipeline.tools.study_report import _invocations
 from models.evaluation.intervals import (bootstrap_indices, fid_interval, gaussian_stats, mean_interval,
                                          paired_fid_difference, paired_seed_difference, percentile_interval,
                                          wilson_interval)
@@ -90,17 +92,37 @@ def test_the_study_clock_sums_invocations_and_keeps_an_interrupted_one(tmp_path)
     the next invocation's totals add to them."""
     from pipeline.tools.study_clock import InvocationClock
 
-    first = InvocationClock(tmp_path)
+    first = InvocationClock(tmp_path, heartbeat_s=None)  # where: this checkout's HEAD and this machine
     first.lap("train", 100.0)
     first.lap("sample_evaluate", 40.0)  # ... then the process dies: nothing else is written
-    second = InvocationClock(tmp_path)
+    other = {"commit": "f" * 40, "machine": {"cpu": "Some CPU (AVX-512)", "cores": 16, "gpu": None}}
+    second = InvocationClock(tmp_path, heartbeat_s=None, where=other)  # resumed elsewhere, at another commit
     second.lap("train", 2.0)  # everything reused
     second.lap("classify", 30.0)
     total = second.totals()
+    runs = total.pop("runs")
     assert total == {"seconds": 172.0, "invocations": 2,
                      "seconds_by_phase": {"train": 102.0, "sample_evaluate": 40.0, "classify": 30.0}}
+    assert [r["seconds"] for r in runs] == [140.0, 32.0] and runs[1]["machine"] == other["machine"]
+    assert runs[0]["commit"] == git_commit() and runs[0]["machine"]["cores"] >= 1 and runs[0]["machine"]["cpu"]
     record = json.loads((tmp_path / "study_timings.json").read_text())
     assert [inv["seconds"] for inv in record["invocations"]] == [140.0, 32.0]
+    # the table's header names each invocation's start, commit, machine and minutes
+    header = _invocations({"invocation_log": runs})
+    assert "2 invocations" in header and "at fffffff on Some CPU (AVX-512), 16 cores: 1 min" in header
+    assert f"at {(git_commit() or 'unrecorded commit')[:7]} on " in header
+
+
+def test_the_machine_record_names_the_cpu_isa():
+    from pipeline.common.machine import cpu_name, describe
+
+    info = "model name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n"
+    assert cpu_name(info) == "AMD EPYC 9R14 (AVX-512)"
+    assert cpu_name(info.replace(" avx512f avx512_bf16", "")) == "AMD EPYC 9R14 (AVX2)"
+    assert cpu_name(info.replace("avx512_bf16", "amx_bf16")) == "AMD EPYC 9R14 (AMX)"
+    assert cpu_name("processor : 0\n") == "unknown"
+    assert describe({"cpu": "X (AVX2)", "cores": 2, "gpu": None}) == "X (AVX2), 2 cores"
+    assert describe({"cpu": "X (AMX)", "cores": 8, "gpu": "1x NVIDIA H100"}).endswith("GPU: 1x NVIDIA H100")
 
 
 def test_the_study_clock_keeps_the_seconds_of_a_phase_that_a_kill_cut_short(tmp_path):
@@ -113,16 +135,19 @@ def test_the_study_clock_keeps_the_seconds_of_a_phase_that_a_kill_cut_short(tmp_
     t[0] = 100.0
     assert first.lap("train") == 100.0
     t[0] = 130.0
-    first.beat()  # 30 s into sample_evaluate ...
+    first.beat()  # 30 s into the next phase (train_equal_compute) ...
     t[0] = 140.0  # ... killed: no lap, no close, the last 10 s are lost (at most one heartbeat period)
     second = InvocationClock(tmp_path, heartbeat_s=None, now=lambda: t[0])
     t[0] = 145.0
     second.lap("train")  # reused
     t[0] = 165.0
-    second.lap("sample_evaluate")  # only the part the first invocation had not finished
+    second.lap("sample_evaluate")  # only the part the first invocation had not finished (equal compute skipped)
     second.close()
-    assert second.totals() == {"seconds": 155.0, "invocations": 2,
-                               "seconds_by_phase": {"train": 105.0, "interrupted": 30.0, "sample_evaluate": 20.0}}
+    total = second.totals()
+    runs = total.pop("runs")
+    assert total == {"seconds": 155.0, "invocations": 2,
+                     "seconds_by_phase": {"train": 105.0, "interrupted": 30.0, "sample_evaluate": 20.0}}
+    assert [(r["seconds"], r.get("killed_in")) for r in runs] == [(130.0, "train_equal_compute"), (25.0, None)]
     record = json.loads((tmp_path / "study_timings.json").read_text())
     assert [inv.get("running") for inv in record["invocations"]] == [30.0, None]
 
@@ -252,5 +277,7 @@ def test_a_tiny_study_writes_intervals_and_reuses_everything(ray_session, tmp_pa
     assert not re.search(r"classify\[[^\]]+\]: top-1", again.stderr)  # ... or refitted
     rerun = json.loads((tmp_path / "results" / "results.json").read_text())
     assert rerun["invocations"] == 2  # the wall time sums both invocations: the first one's cost is kept
+    assert [r["commit"] for r in rerun["invocation_log"]] == [git_commit()] * 2
+    assert "summed over 2 invocations" in (tmp_path / "results" / "table.md").read_text()
     assert rerun["seconds"] >= results["seconds"] + rerun["seconds_this_invocation"] - 1.0
     print(f"tiny study rerun through the CLI: {time.perf_counter() - started:.1f} s")

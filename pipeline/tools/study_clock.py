@@ -19,10 +19,17 @@ class InvocationClock:
     its unfinished phase counts as `interrupted` (that phase's finished pieces are reused by the next
     invocation, which times only the rest), and a resumed study reports the whole cost, not its last part."""
 
-    def __init__(self, run_dir: Path, heartbeat_s: float | None = 30.0, now=time.perf_counter):
+    def __init__(self, run_dir: Path, heartbeat_s: float | None = 30.0, now=time.perf_counter,
+                 where: dict | None = None):
+        """`where`: {'commit', 'machine'} of this invocation (default: this checkout's HEAD and this machine),
+        kept in its entry: a study resumed on another machine or at another commit says so."""
         self.path = Path(run_dir) / "study_timings.json"
         self.record = json.loads(self.path.read_text()) if self.path.exists() else {"invocations": []}
-        self.entry = {"started": _dt.datetime.now().isoformat(timespec="seconds"), "seconds_by_phase": {}}
+        if where is None:
+            from pipeline.common.machine import git_commit, machine
+
+            where = {"commit": git_commit(), "machine": machine()}
+        self.entry = {"started": _dt.datetime.now().isoformat(timespec="seconds"), **where, "seconds_by_phase": {}}
         self.record["invocations"].append(self.entry)
         self._now = now
         self._mark = now()  # the end of the previous phase
@@ -75,12 +82,27 @@ class InvocationClock:
                 self._write()
 
     def totals(self) -> dict:
+        """The summed phases, and `runs`: per invocation its start, commit, machine, seconds (an earlier one
+        killed mid-phase with its unfinished phase's seconds included) and that phase (`killed_in`)."""
         by_phase: dict[str, float] = {}
+        runs = []
         for inv in self.record["invocations"]:
             phases = dict(inv.get("seconds_by_phase", {}))
+            run = {"started": inv.get("started"), "commit": inv.get("commit"), "machine": inv.get("machine")}
             if inv is not self.entry and inv.get("running") is not None:  # an earlier invocation killed mid-phase
                 phases["interrupted"] = phases.get("interrupted", 0.0) + inv["running"]
+                run["killed_in"] = _next_phase(inv.get("seconds_by_phase", {}))
+            run["seconds"] = round(sum(phases.values()), 1)
+            runs.append(run)
             for k, v in phases.items():
                 by_phase[k] = round(by_phase.get(k, 0.0) + v, 1)
         return {"seconds": round(sum(by_phase.values()), 1), "seconds_by_phase": by_phase,
-                "invocations": len(self.record["invocations"])}
+                "invocations": len(self.record["invocations"]), "runs": runs}
+
+
+PHASES = ("train", "train_equal_compute", "omega_sweep", "sample_evaluate", "classify")
+
+
+def _next_phase(done: dict) -> str | None:
+    """The phase an invocation killed after finishing `done` was in: the first of the study's order not done."""
+    return next((p for p in PHASES if p not in done), None)

@@ -3,13 +3,13 @@ config, the commit), table.md (the paired comparison, the classifier table over 
 paper claim) and the figures a reader wants."""
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
 from models.evaluation.metrics import class_groups
 from pipeline.common.files import write_json, write_text
+from pipeline.common.machine import describe, git_commit
 
 CLAIMS = [
     # (paper, claim, metric, method, against, direction): direction -1 = the method's value is lower
@@ -132,7 +132,7 @@ def write_results(cfg, data, models, evaluations, eqc_evals, classifiers, omegas
     results = {
         "commit": git_commit(), "config": cfg.to_dict(), "seconds": total["seconds"],
         "seconds_by_phase": total["seconds_by_phase"], "invocations": total["invocations"],
-        "seconds_this_invocation": round(seconds, 1), "omegas": omegas,
+        "seconds_this_invocation": round(seconds, 1), "invocation_log": total["runs"], "omegas": omegas,
         "classify_methods": list(classified), "dataset": data.manifest["class_counts"],
         "generation": {m: as_json(e.metrics) for m, e in evaluations.items()},
         "generation_equal_compute": {m: as_json(e.metrics) for m, e in eqc_evals.items()},
@@ -180,22 +180,33 @@ def _phases(timings: dict | None) -> str:
 
 
 def _invocations(results: dict) -> str:
-    n = results.get("invocations", 1)
-    if n <= 1:
-        return ""
-    return (f", summed over {n} invocations (the study resumed; this one "
-            f"{results.get('seconds_this_invocation', 0) / 60:.0f} min)")
+    """Where the wall time was spent: per invocation its start, commit, machine and minutes."""
+    log = results.get("invocation_log")
+    if not log:  # results written before invocations were recorded
+        n = results.get("invocations", 1)
+        return "" if n <= 1 else f", summed over {n} invocations"
+
+    def one(run: dict) -> str:
+        commit = (run.get("commit") or "unrecorded commit")[:7]
+        killed = f", killed in {run['killed_in'].replace('_', ' ')}" if run.get("killed_in") else ""
+        return (f"{(run.get('started') or '?').replace('T', ' ')[:16]} at {commit} on "
+                f"{describe(run.get('machine'))}: {run['seconds'] / 60:.0f} min{killed}")
+
+    if len(log) == 1:
+        return f"; one invocation, {one(log[0])}"
+    return f"; summed over {len(log)} invocations (the study resumed): " + "; ".join(
+        f"{i}. {one(run)}" for i, run in enumerate(log, 1))
 
 
 def table(cfg, results: dict, best_syn: str | None) -> str:
     gen, paired = results["generation"], results["paired_generation"]
     n = next(iter(gen.values()))["num_samples"]
-    lines = [f"# Study: {cfg.name} ({cfg.data.dataset}, imbalance {cfg.data.imb_factor}), commit {results['commit']}",
+    lines = [f"# Study: {cfg.name} ({cfg.data.dataset}, imbalance {cfg.data.imb_factor}), written at commit {results['commit']}",
              "", f"Every method fine-tuned {cfg.train.finetune_steps} steps from one DDPM ({cfg.train.steps} steps); "
              f"{n} evaluation images per method, the same per-image seeds for every method (paired); ω per method "
              f"from a held-out sweep over {list(cfg.study.omega_grid)} ({cfg.study.omega_images} images, own seeds); "
              f"domain features; 95% intervals: bootstrap over images (FID), Wilson (rates), t over "
-             f"{cfg.classify.seeds} seeds (classifiers). Wall time {results['seconds'] / 60:.0f} min on this machine"
+             f"{cfg.classify.seeds} seeds (classifiers). Wall time {results['seconds'] / 60:.0f} min"
              + _phases(results.get("seconds_by_phase")) + _invocations(results) + ".",
              "", "## Generation", "",
              "| method | ω | FID | FID many | FID medium | FID few | Δ FID vs ddpm | Δ FID few vs ddpm | class fidelity % "
@@ -340,14 +351,6 @@ def tail_grids(cfg, data, names: list, path: Path, per_class: int = 8, per_row: 
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parents[2]).stdout.strip() or None
-    except OSError:
-        return None
 
 
 def as_json(value):
