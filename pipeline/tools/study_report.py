@@ -179,6 +179,10 @@ def _phases(timings: dict | None) -> str:
     return " (" + ", ".join(f"{k.replace('_', ' ')} {v / 60:.0f}" for k, v in timings.items()) + " min)"
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.0f} min"
+
+
 def _invocations(results: dict) -> str:
     """Where the wall time was spent: per invocation its start, commit, machine and minutes."""
     log = results.get("invocation_log")
@@ -190,7 +194,7 @@ def _invocations(results: dict) -> str:
         commit = (run.get("commit") or "unrecorded commit")[:7]
         killed = f", killed in {run['killed_in'].replace('_', ' ')}" if run.get("killed_in") else ""
         return (f"{(run.get('started') or '?').replace('T', ' ')[:16]} at {commit} on "
-                f"{describe(run.get('machine'))}: {run['seconds'] / 60:.0f} min{killed}")
+                f"{describe(run.get('machine'))}: {_duration(run['seconds'])}{killed}")
 
     if len(log) == 1:
         return f"; one invocation, {one(log[0])}"
