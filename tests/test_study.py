@@ -109,7 +109,7 @@ def test_the_study_clock_sums_invocations_and_keeps_an_interrupted_one(tmp_path)
     assert [inv["seconds"] for inv in record["invocations"]] == [140.0, 32.0]
     # the table's header names each invocation's start, commit, machine and minutes
     header = _invocations({"invocation_log": runs})
-    assert "2 invocations" in header and "at fffffff on Some CPU (AVX-512), 16 cores: 1 min" in header
+    assert "2 invocations" in header and "at fffffff on Some CPU (AVX-512), 16 cores: 32 s" in header
     assert f"at {(git_commit() or 'unrecorded commit')[:7]} on " in header
 
 
