@@ -56,6 +56,114 @@ def test_sampling_is_nhwc_on_cuda_and_on_an_fp32_cpu_and_gives_the_same_images()
     assert a.std() > 0.1 and torch.allclose(a, b, atol=1e-4), (float(a.std()), float((a - b).abs().max()))
 
 
+def _tiny_checkpoint(path):
+    """A digits model.pt (8x8, the digits preset's network, small random weights), as the train stage writes it."""
+    import json
+
+    import torch
+
+    from conftest import REPO
+    from pipeline.common.artifacts import build_net
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "configs" / "digits_lt.yaml", ["model.image_size=8"])
+    counts = [131, 101, 78, 60, 46, 35, 27, 21, 16, 13]
+    manifest = {"dataset": "digits", "profile": "exp", "imb_factor": 0.1, "image_shape": [8, 8, 1],
+                "class_names": [f"digit{i}" for i in range(10)], "class_counts": counts, "num_train": sum(counts)}
+    torch.manual_seed(0)
+    net = build_net(cfg, manifest)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"ema": net.state_dict(), "step": 1,
+                "config": json.dumps({"run": cfg.to_dict(), "manifest": manifest, "method": "ddpm"})}, path)
+    return path
+
+
+def test_sample_compile_auto_compiles_only_large_fp32_cpu_shares(make_config):
+    from models.diffusion.samplers import network_evaluations
+    from pipeline.common.devices import COMPILE_MIN_EVALUATIONS as N, resolve_compile
+    from pipeline.common.generation import sample_compile
+    from pipeline.config.validate import validate
+
+    assert resolve_compile("auto", "cpu", False, N) and not resolve_compile("auto", "cpu", False, N - 1)
+    assert not resolve_compile("auto", "cpu", True, 10 * N)  # CPU bf16: not measured, stays eager
+    assert not resolve_compile("auto", "cuda", False, 10 * N)  # CUDA: not measured (no GPU lent), stays eager
+    assert resolve_compile(True, "cpu", True, 1) and not resolve_compile(False, "cpu", False, 10 * N)
+    with pytest.raises(ValueError, match="use auto, true or false"):
+        resolve_compile("fast", "cpu", False, N)
+    assert make_config("fmnist_lt").sample.compile is False  # opt-in: no stage-level gain shown (devices.py)
+    cfg = make_config("fmnist_lt", "sample.compile=auto")
+    s = cfg.sample.for_method("ddpm")
+    assert s.compile == "auto" and network_evaluations(s.sampler, cfg.model.timesteps, s.steps, s.omega) == 30
+    bf16 = resolve_bf16_cpu()
+    assert sample_compile(cfg, s, 1000, use_gpu=False) is (not bf16)  # a 1,000-image evaluation set
+    assert not sample_compile(cfg, s, 999, use_gpu=False)
+    two = make_config("fmnist_lt", "sample.compile=auto", "sample.num_actors=2").sample.for_method("ddpm")
+    assert not sample_compile(cfg, two, 1000, use_gpu=False)  # 500 images per actor
+    assert not sample_compile(make_config("fmnist_lt"), make_config("fmnist_lt").sample, 10**6, use_gpu=False)
+    with pytest.raises(ConfigError, match=r"sample.compile='fast': use auto, true or false"):
+        validate(make_config("fmnist_lt", "sample.compile=fast"))
+
+
+def resolve_bf16_cpu() -> bool:
+    from models.precision import resolve_bf16
+
+    return resolve_bf16("auto", "cpu")
+
+
+def _actor_images(weights, compile_net, setting, rows=4, batch_size=6):
+    import numpy as np
+
+    from pipeline.common.generation import SamplerActor
+
+    cfg = {"sampler": "euler_a", "steps": 3, "eta": 0.0, "clip_x0": None, "omega": 2.0, "bf16": False,
+           "guidance_scale": None, "guidance_norm": "rms", "batch_size": batch_size, "compile": setting}
+    actor = SamplerActor(str(weights), cfg, threads=2, use_gpu=False, compile_net=compile_net)
+    batch = {"seed": np.arange(100, 100 + rows), "label": np.arange(rows) % 10, "k": np.arange(rows)}
+    return actor, actor(batch)["image"]
+
+
+def test_a_compiled_sampling_actor_pads_to_one_shape_and_gives_the_same_images(tmp_path):
+    """sample.compile is a speed choice only: a compiled actor's images (its batch of 4 padded to 6, the
+    padding dropped) equal the eager actor's from the same seeds, up to float rounding in a uint8 pixel."""
+    import numpy as np
+
+    weights = _tiny_checkpoint(tmp_path / "model.pt")
+    _, eager = _actor_images(weights, False, "auto")
+    actor, compiled = _actor_images(weights, True, "auto")
+    assert actor.compiled and compiled.shape == eager.shape == (4, 8, 8, 1)
+    diff = np.abs(compiled.astype(int) - eager.astype(int))
+    assert eager.std() > 10 and diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+def test_a_compile_that_fails_falls_back_to_eager_under_auto_only(tmp_path, monkeypatch, caplog):
+    """A node whose inductor cannot build (no C++ compiler; simulated: the compiled call raises) samples
+    eagerly under `auto`, with one warning; `compile: true` stops with the error."""
+    import numpy as np
+    import torch
+
+    class Broken(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.null_label = net.null_label
+
+        def forward(self, *args):
+            raise RuntimeError("InductorError: CppCompileError: no C++ compiler found")
+
+    weights = _tiny_checkpoint(tmp_path / "model.pt")
+    _, eager = _actor_images(weights, False, "auto")
+    monkeypatch.setattr(torch, "compile", lambda net: Broken(net))
+    caplog.set_level(logging.WARNING, logger="taildiff.sample")
+    actor, images = _actor_images(weights, True, "auto")
+    assert not actor.compiled and np.array_equal(images, eager)
+    assert "torch.compile failed on this node (InductorError: CppCompileError" in caplog.text
+    with pytest.raises(RuntimeError, match="CppCompileError"):
+        _actor_images(weights, True, True)
+
+
 def test_every_section_defaults_to_auto(make_config):
     cfg = make_config("fmnist_lt")
     assert {getattr(cfg, s).use_gpu for s in ("train", "sample", "evaluate", "classify")} == {"auto"}

@@ -39,11 +39,12 @@ def plan_rows(counts: list[int], seed: int, tag: str) -> dict[str, np.ndarray]:
 
 
 def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, device, guidance_scale=None,
-                   guidance_norm: str = "rms"):
+                   guidance_norm: str = "rms", compile_net: bool = False):
     """The sampling denoiser of a trained model: CFG (or the null label for an unconditional
     backbone), wrapped in the model's sampling-time guidance when it has one (`guidance_scale`
     overrides the scale it was trained with; `guidance_norm` normalises its gradient). The network's
-    weights are made NHWC where that is faster (pipeline.common.devices.conv_channels_last)."""
+    weights are made NHWC where that is faster (pipeline.common.devices.conv_channels_last);
+    `compile_net` wraps it in torch.compile (inductor; compiled at its first call, for that batch shape)."""
     import torch
 
     from models.diffusion.guidance import CFGDenoiser, ClassifierGuidance, NullLabelDenoiser
@@ -55,6 +56,8 @@ def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, devic
     dtype = torch.bfloat16 if resolve_bf16(bf16, device) else None
     if conv_channels_last(device, dtype is not None):
         net = net.to(memory_format=torch.channels_last)  # the same images, faster (conv_channels_last)
+    if compile_net:
+        net = torch.compile(net)  # keeps .null_label etc. reachable: OptimizedModule forwards attributes
     if extras["conditional"]:
         den = CFGDenoiser(net, omega, net.null_label, autocast_dtype=dtype)
     else:
@@ -71,7 +74,7 @@ class SamplerActor:
     """Holds one model; turns batches of plan rows into uint8 images."""
 
     def __init__(self, weights: str, sample_cfg: dict, threads: int | None, use_gpu: bool,
-                 storage: str | None = None, output_dir: str | None = None):
+                 storage: str | None = None, output_dir: str | None = None, compile_net: bool = False):
         import torch
 
         from pipeline.common.artifacts import load_model, make_schedule, model_extras
@@ -90,9 +93,14 @@ class SamplerActor:
         self.schedule = make_schedule(run_cfg)
         self.size = run_cfg.model.image_size
         self.height, self.width, self.channels = manifest["image_shape"]
-        self.denoiser = build_denoiser(net, Path(weights), self.cfg["omega"], self.cfg["bf16"], self.schedule,
-                                       self.device, self.cfg.get("guidance_scale"),
-                                       self.cfg.get("guidance_norm", "rms"))
+        args = (Path(weights), self.cfg["omega"], self.cfg["bf16"], self.schedule, self.device,
+                self.cfg.get("guidance_scale"), self.cfg.get("guidance_norm", "rms"))
+        self.denoiser = build_denoiser(net, *args, compile_net=compile_net)
+        # compiled: every batch is padded to batch_size (one shape, one compile; the padding rows' images
+        # are dropped and, with one generator per image, change nothing in the others); if the compile
+        # itself fails (no C++ compiler on the node) under `auto`, the actor goes on eagerly
+        self.compiled, self.batch_size = compile_net, int(self.cfg["batch_size"])
+        self._eager = (lambda: build_denoiser(net, *args)) if compile_net and self.cfg.get("compile") == "auto" else None
         self.key = self.cfg.get("progress_key")
         self.done = 0
 
@@ -103,10 +111,26 @@ class SamplerActor:
         from models.diffusion.guidance import ImageNoise
         from models.diffusion.samplers import generate
 
-        noise = ImageNoise(batch["seed"].tolist(), (self.channels, self.size, self.size), self.device)
-        y = torch.as_tensor(batch["label"], device=self.device)
-        x = generate(self.denoiser, self.schedule, noise, y, sampler=self.cfg["sampler"], steps=self.cfg["steps"],
-                     eta=self.cfg["eta"], clip_x0=self.cfg["clip_x0"])
+        seeds, labels = batch["seed"].tolist(), batch["label"].tolist()
+        n = len(seeds)
+        pad = max(0, self.batch_size - n) if self.compiled else 0
+        seeds, labels = seeds + seeds[-1:] * pad, labels + labels[-1:] * pad
+
+        def run():
+            noise = ImageNoise(seeds, (self.channels, self.size, self.size), self.device)
+            y = torch.as_tensor(labels, device=self.device)
+            return generate(self.denoiser, self.schedule, noise, y, sampler=self.cfg["sampler"],
+                            steps=self.cfg["steps"], eta=self.cfg["eta"], clip_x0=self.cfg["clip_x0"])[:n]
+
+        try:
+            x = run()
+        except Exception as exc:  # noqa: BLE001 - inductor raises its own types (no compiler, a failed build)
+            if self._eager is None:
+                raise
+            log.warning("sample: torch.compile failed on this node (%s); sampling eagerly",
+                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+            self.denoiser, self._eager, self.compiled = self._eager(), None, False
+            x = run()
         images = to_uint8_images(x.float(), self.height, self.width).cpu().numpy()  # (b, H, W, C)
         return {"image": images, "label": batch["label"], "k": batch["k"], "seed": batch["seed"]}
 
@@ -127,7 +151,7 @@ def actor_threads(num_actors: int) -> int:
 def sample_key(sample_cfg, model: ModelArtifact, counts: list[int], seed: int) -> str:
     """What shapes a set: the sample section (minus placement), the counts, the model's weights."""
     s = dataclasses.asdict(sample_cfg)
-    for name in ("batch_size", "num_actors", "use_gpu", "grid_per_class"):
+    for name in ("batch_size", "num_actors", "use_gpu", "grid_per_class", "compile"):  # placement and speed only
         s.pop(name, None)
     return stable_hash({"sample": s, "counts": counts, "seed": seed, "model_step": model.metrics.get("step"),
                         "model": content_stamp(model.weights)})  # by content: the same key on any node
@@ -160,15 +184,18 @@ def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, count
     tmp = out.parent / f".tmp-{folder}-{uuid.uuid4().hex[:8]}"
     (tmp / "images").mkdir(parents=True)
     started = time.perf_counter()
+    compile_net = False
     try:
         if total:
             ds = _plan_dataset(rows, s.batch_size)
             threads = None if use_gpu else actor_threads(s.num_actors)
+            compile_net = sample_compile(cfg, s, total, use_gpu)
             images = ds.map_batches(
                 SamplerActor,
                 fn_constructor_kwargs={"weights": str(model.weights), "sample_cfg": dataclasses.asdict(s),
                                        "threads": threads, "use_gpu": use_gpu, "storage": cfg.storage,
-                                       "output_dir": str(Path(cfg.output_dir).resolve())},
+                                       "output_dir": str(Path(cfg.output_dir).resolve()),
+                                       "compile_net": compile_net},
                 compute=ray.data.ActorPoolStrategy(size=s.num_actors),
                 batch_size=s.batch_size,
                 num_gpus=1 if use_gpu else 0,
@@ -187,7 +214,8 @@ def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, count
         grid = write_grid(tmp / "images", data.manifest, tmp / "grid.png", s.grid_per_class,
                           title=f"{cfg.name}: {model.method}, {s.sampler}-{s.steps} ω={s.omega}")
         manifest = {"method": model.method, "key": key, "seed_tag": seed_tag, "counts": counts, "num_images": total,
-                    "sample": dataclasses.asdict(s), "use_gpu": use_gpu, "model": str(model.weights), "grid": grid,
+                    "sample": dataclasses.asdict(s), "use_gpu": use_gpu, "compiled": bool(total and compile_net),
+                    "model": str(model.weights), "grid": grid,
                     "seconds": round(time.perf_counter() - started, 2), "image_shape": data.manifest["image_shape"],
                     "class_names": data.manifest["class_names"]}
         write_json(tmp / "manifest.json", manifest)
@@ -196,8 +224,21 @@ def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, count
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("sample[%s]: %d images in %.1f s -> %s", folder, total, time.perf_counter() - started, out)
+    log.info("sample[%s]: %d images in %.1f s%s -> %s", folder, total, time.perf_counter() - started,
+             " (network compiled)" if compile_net else "", out)
     return SampleArtifact(model.method, out, total, skipped=False)
+
+
+def sample_compile(cfg: Config, s, images: int, use_gpu: bool) -> bool:
+    """`sample.compile` resolved for this set's actors (pipeline.common.devices.resolve_compile): each actor's
+    share of the images times the network evaluations per image of the sampler, steps and ω."""
+    from models.diffusion.samplers import network_evaluations
+    from pipeline.common.devices import resolve_compile
+
+    device = "cuda" if use_gpu else "cpu"
+    per_actor = -(-images // max(1, s.num_actors))
+    evaluations = per_actor * network_evaluations(s.sampler, cfg.model.timesteps, s.steps, s.omega)
+    return resolve_compile(s.compile, device, resolve_bf16(s.bf16, device), evaluations)
 
 
 def _plan_dataset(rows: dict[str, np.ndarray], batch_size: int):

@@ -115,6 +115,7 @@ class SampleConfig:
     num_actors: int = 1  # one per GPU (use_gpu) or CPU slot
     use_gpu: Union[bool, str] = "auto"
     bf16: Union[bool, str] = "auto"  # auto: as train.bf16
+    compile: Union[bool, str] = False  # torch.compile the network (opt-in; auto: fp32 CPU actors with a large share, devices.resolve_compile)
     grid_per_class: int = 10
 
     def omega_for(self, method: str) -> float:

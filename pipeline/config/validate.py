@@ -120,6 +120,8 @@ def _validate_model_train_sample(cfg) -> None:
             raise ConfigError(f"{section}.use_gpu={getattr(cfg, section).use_gpu!r}: use auto, true or false")
         if getattr(getattr(cfg, section), "bf16", False) not in BF16_SETTINGS:
             raise ConfigError(f"{section}.bf16={getattr(cfg, section).bf16!r}: use auto, true or false")
+    if cfg.sample.compile not in BF16_SETTINGS:  # the same three values
+        raise ConfigError(f"sample.compile={cfg.sample.compile!r}: use auto, true or false")
     if cfg.evaluate.domain_bf16 not in BF16_SETTINGS:
         raise ConfigError(f"evaluate.domain_bf16={cfg.evaluate.domain_bf16!r}: use auto, true or false")
     if s.batch_size < 1 or s.num_actors < 1 or s.per_class < 0 or s.omega < 0:
