@@ -62,3 +62,34 @@ def write_imagefolder(root: Path, counts: dict, size=(8, 8), mode="RGB") -> None
         for i in range(n):
             shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / name / f"{i}.png")
+
+
+DIGIT_NAMES = [f"digit{i}" for i in range(10)]
+DIGIT_COUNTS = [131, 101, 78, 60, 46, 35, 27, 21, 16, 13]
+
+
+def write_tiny_checkpoint(path: Path, scale: float = 0.02, seed: int = 0) -> Path:
+    """A digits model.pt as the train stage writes it: 8x8 images, the digits preset's network with
+    random offsets of `scale` on every weight (no layer left at zero or at its 1e-5 output gain)."""
+    import json
+
+    import torch
+
+    from pipeline.common.artifacts import build_net
+    from pipeline.config import load_config
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_config(repo / "configs" / "digits_lt.yaml", ["model.image_size=8"])
+    manifest = {"dataset": "digits", "profile": "exp", "imb_factor": 0.1, "image_shape": [8, 8, 1],
+                "class_names": DIGIT_NAMES, "class_counts": DIGIT_COUNTS,
+                "imbalance_ratio": DIGIT_COUNTS[0] / DIGIT_COUNTS[-1], "num_train": sum(DIGIT_COUNTS)}
+    torch.manual_seed(seed)
+    net = build_net(cfg, manifest)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"ema": net.state_dict(), "step": 300,
+                "config": json.dumps({"run": cfg.to_dict(), "manifest": manifest, "method": "ddpm"})}, path)
+    return path

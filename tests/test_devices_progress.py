@@ -8,6 +8,7 @@ from pipeline.common.devices import device_choice, resolve_use_gpu
 from pipeline.common.launcher import DeterministicError, is_deterministic, worker_error_line
 from pipeline.common.progress import LocalProgress, _Renderer
 from pipeline.errors import ConfigError
+from fakes import write_tiny_checkpoint
 
 
 def test_use_gpu_auto_true_false():
@@ -54,31 +55,6 @@ def test_sampling_is_nhwc_on_cuda_and_on_an_fp32_cpu_and_gives_the_same_images()
         a, b = (generate(CFGDenoiser(n, 2.0, n.null_label), schedule, ImageNoise([5, 6, 7, 8], (1, 28, 28), "cpu"),
                          y, sampler="euler_a", steps=3) for n in (net, nhwc))
     assert a.std() > 0.1 and torch.allclose(a, b, atol=1e-4), (float(a.std()), float((a - b).abs().max()))
-
-
-def _tiny_checkpoint(path):
-    """A digits model.pt (8x8, the digits preset's network, small random weights), as the train stage writes it."""
-    import json
-
-    import torch
-
-    from conftest import REPO
-    from pipeline.common.artifacts import build_net
-    from pipeline.config import load_config
-
-    cfg = load_config(REPO / "configs" / "digits_lt.yaml", ["model.image_size=8"])
-    counts = [131, 101, 78, 60, 46, 35, 27, 21, 16, 13]
-    manifest = {"dataset": "digits", "profile": "exp", "imb_factor": 0.1, "image_shape": [8, 8, 1],
-                "class_names": [f"digit{i}" for i in range(10)], "class_counts": counts, "num_train": sum(counts)}
-    torch.manual_seed(0)
-    net = build_net(cfg, manifest)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0.0, 0.05)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"ema": net.state_dict(), "step": 1,
-                "config": json.dumps({"run": cfg.to_dict(), "manifest": manifest, "method": "ddpm"})}, path)
-    return path
 
 
 def test_sample_compile_auto_compiles_only_large_fp32_cpu_shares(make_config):
@@ -130,7 +106,7 @@ def test_a_compiled_sampling_actor_pads_to_one_shape_and_gives_the_same_images(t
     padding dropped) equal the eager actor's from the same seeds, up to float rounding in a uint8 pixel."""
     import numpy as np
 
-    weights = _tiny_checkpoint(tmp_path / "model.pt")
+    weights = write_tiny_checkpoint(tmp_path / "model.pt")
     _, eager = _actor_images(weights, False, "auto")
     actor, compiled = _actor_images(weights, True, "auto")
     assert actor.compiled and compiled.shape == eager.shape == (4, 8, 8, 1)
@@ -153,7 +129,7 @@ def test_a_compile_that_fails_falls_back_to_eager_under_auto_only(tmp_path, monk
         def forward(self, *args):
             raise RuntimeError("InductorError: CppCompileError: no C++ compiler found")
 
-    weights = _tiny_checkpoint(tmp_path / "model.pt")
+    weights = write_tiny_checkpoint(tmp_path / "model.pt")
     _, eager = _actor_images(weights, False, "auto")
     monkeypatch.setattr(torch, "compile", lambda net: Broken(net))
     caplog.set_level(logging.WARNING, logger="taildiff.sample")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from fakes import DIGIT_NAMES, write_tiny_checkpoint
 from models.diffusion.diffusers_export import build_scheduler, scheduler_config, to_diffusers, unet2d_config
 from models.diffusion.guidance import ImageNoise
 from models.diffusion.samplers import ddim_sample, ddim_timesteps
@@ -149,23 +150,12 @@ def test_scheduler_config_carries_the_betas():
 
 # --- the commands, on a tiny checkpoint written the way the train stage writes model.pt ---
 
-NAMES = [f"digit{i}" for i in range(10)]
+NAMES = DIGIT_NAMES
 
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    from pipeline.common.artifacts import build_net
-    from pipeline.config import load_config
-
-    cfg = load_config(REPO / "configs" / "digits_lt.yaml", ["model.image_size=8"])
-    counts = [131, 101, 78, 60, 46, 35, 27, 21, 16, 13]
-    manifest = {"dataset": "digits", "profile": "exp", "imb_factor": 0.1, "image_shape": [8, 8, 1],
-                "class_names": NAMES, "class_counts": counts, "imbalance_ratio": 131 / 13, "num_train": sum(counts)}
-    net = _perturbed(build_net(cfg, manifest), scale=0.02)
-    path = tmp_path / "runs" / "x" / "train" / "ddpm" / "model.pt"
-    path.parent.mkdir(parents=True)
-    torch.save({"ema": net.state_dict(), "step": 300,
-                "config": json.dumps({"run": cfg.to_dict(), "manifest": manifest, "method": "ddpm"})}, path)
+    path = write_tiny_checkpoint(tmp_path / "runs" / "x" / "train" / "ddpm" / "model.pt")
     metrics = path.parent.parent.parent / "evaluation" / "ddpm" / "metrics.json"
     metrics.parent.mkdir(parents=True)
     metrics.write_text(json.dumps({"fid": 12.3456, "fid_interval": [11.0, 13.5], "num_samples": 50,
