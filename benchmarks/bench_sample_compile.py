@@ -18,7 +18,6 @@ pipeline/common/devices.py:resolve_compile uses the result.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
@@ -59,6 +58,7 @@ def network(args, net, schedule, C, size, num_classes) -> None:
         start = time.perf_counter()
         compiled(x, t, lab)
         warm = time.perf_counter() - start
+        eager(x, t, lab)  # the eager network's first call (oneDNN's set-up) is not timed either
     rates, images = {"eager": [], "compiled": []}, {}
     for _ in range(args.repeats):
         for name, n in (("eager", eager), ("compiled", compiled)):
@@ -115,31 +115,17 @@ def stage(args, weights: Path, n: int) -> None:
 
 
 def main() -> None:
-    from pipeline.common.artifacts import build_net, load_model, make_schedule
+    from bench_sample_layout import sampling_net, sampling_parser  # this folder: the sampling benchmarks' options
+    from pipeline.common.artifacts import make_schedule
     from pipeline.common.machine import cpu_name
-    from pipeline.config import load_config
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--sampler", default="euler_a")
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--omega", type=float, default=3.0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = sampling_parser(__doc__)
     parser.add_argument("--stage", type=int, default=0, help="also time the sampling stage on this many images")
     args = parser.parse_args()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="taildiff-inductor-")  # cold for part 1
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}")
-    if args.checkpoint:
-        net, cfg, manifest = load_model(Path(args.checkpoint))
-    else:
-        cfg = load_config(REPO / "configs" / "fmnist_lt.yaml", [])
-        manifest = {"image_shape": [28, 28, 1], "class_names": [str(i) for i in range(10)]}
-        torch.manual_seed(0)
-        net = build_net(cfg, manifest)
-    net = net.eval().requires_grad_(False)
+    net, cfg, manifest = sampling_net(args.checkpoint)
     (_, _, C), size = manifest["image_shape"], cfg.model.image_size
     network(args, net, make_schedule(cfg), C, size, len(manifest["class_names"]))
     if args.stage:

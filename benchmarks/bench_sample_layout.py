@@ -23,14 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def main() -> None:
-    from models.diffusion.guidance import CFGDenoiser, ImageNoise
-    from models.diffusion.samplers import generate
-    from pipeline.common.artifacts import build_net, load_model, make_schedule
-    from pipeline.common.machine import cpu_name
-    from pipeline.config import load_config
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sampling_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the sampling benchmarks (this one, bench_sample_compile.py)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=100)
@@ -38,15 +33,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--omega", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.checkpoint:
-        net, cfg, manifest = load_model(Path(args.checkpoint))
+    return parser
+
+
+def sampling_net(checkpoint: str | None):
+    """(network in eval mode without gradients, its Config, its data manifest): a trained model.pt, else
+    the default preset's network with its initial weights (speed does not depend on the weights)."""
+    from pipeline.common.artifacts import build_net, load_model
+    from pipeline.config import load_config
+
+    if checkpoint:
+        net, cfg, manifest = load_model(Path(checkpoint))
     else:
         cfg = load_config(REPO / "configs" / "fmnist_lt.yaml", [])
         manifest = {"image_shape": [28, 28, 1], "class_names": [str(i) for i in range(10)]}
         torch.manual_seed(0)
-        net = build_net(cfg, manifest).eval().requires_grad_(False)
+        net = build_net(cfg, manifest)
+    return net.eval().requires_grad_(False), cfg, manifest
+
+
+def main() -> None:
+    from models.diffusion.guidance import CFGDenoiser, ImageNoise
+    from models.diffusion.samplers import generate
+    from pipeline.common.artifacts import make_schedule
+    from pipeline.common.machine import cpu_name
+
+    args = sampling_parser(__doc__).parse_args()
+    torch.set_num_threads(args.threads)
+    net, cfg, manifest = sampling_net(args.checkpoint)
     schedule, (_, _, C), size = make_schedule(cfg), manifest["image_shape"], cfg.model.image_size
     nets = {"contiguous": net, "channels_last": copy.deepcopy(net).to(memory_format=torch.channels_last)}
     y = torch.arange(args.batch) % len(manifest["class_names"])
