@@ -214,7 +214,8 @@ def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, count
         grid = write_grid(tmp / "images", data.manifest, tmp / "grid.png", s.grid_per_class,
                           title=f"{cfg.name}: {model.method}, {s.sampler}-{s.steps} ω={s.omega}")
         manifest = {"method": model.method, "key": key, "seed_tag": seed_tag, "counts": counts, "num_images": total,
-                    "sample": dataclasses.asdict(s), "use_gpu": use_gpu, "compiled": bool(total and compile_net),
+                    "sample": dataclasses.asdict(s), "use_gpu": use_gpu,
+                    "compile_net": bool(total and compile_net),  # asked of the actors (a fallback is in their log)
                     "model": str(model.weights), "grid": grid,
                     "seconds": round(time.perf_counter() - started, 2), "image_shape": data.manifest["image_shape"],
                     "class_names": data.manifest["class_names"]}
