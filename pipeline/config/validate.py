@@ -12,6 +12,7 @@ from models.diffusion.schedule import SCHEDULES
 from models.diffusion.unet import COND_DROP_MODES, PRESETS as MODEL_PRESETS
 from models.precision import BF16_SETTINGS
 from models.methods.registry import METHODS, validate_method
+from pipeline.common.devices import COMPILE_SETTINGS
 from pipeline.config.classify import validate_classify
 from pipeline.config.schema import SAMPLE_PLANS, STAGES
 from pipeline.errors import ConfigError
@@ -120,7 +121,7 @@ def _validate_model_train_sample(cfg) -> None:
             raise ConfigError(f"{section}.use_gpu={getattr(cfg, section).use_gpu!r}: use auto, true or false")
         if getattr(getattr(cfg, section), "bf16", False) not in BF16_SETTINGS:
             raise ConfigError(f"{section}.bf16={getattr(cfg, section).bf16!r}: use auto, true or false")
-    if cfg.sample.compile not in BF16_SETTINGS:  # the same three values
+    if cfg.sample.compile not in COMPILE_SETTINGS:
         raise ConfigError(f"sample.compile={cfg.sample.compile!r}: use auto, true or false")
     if cfg.evaluate.domain_bf16 not in BF16_SETTINGS:
         raise ConfigError(f"evaluate.domain_bf16={cfg.evaluate.domain_bf16!r}: use auto, true or false")
