@@ -224,7 +224,7 @@ def test_a_method_with_its_own_source_gets_the_equal_total_budget_and_its_classi
 
 TINY = ["model.image_size=8", "train.steps=12", "train.finetune_steps=6", "train.batch_size=16", "train.log_every=6",
         "train.checkpoint_every=6", "train.bf16=false", "sample.per_class=6", "sample.steps=3", "sample.batch_size=60",
-        "sample.bf16=false", "classify.epochs=1", "classify.batch_size=64", "classify.baselines=[ce]",
+        "sample.bf16=false", "classify.epochs=1", "classify.batch_size=64", "classify.input_size=8", "classify.baselines=[ce]",
         "classify.synthetic=per_class", "classify.per_class=3", "classify.steps=3", "classify.seeds=2",
         "evaluate.bootstrap=20", "evaluate.prd_runs=2", "tracking.grid_per_class=0",
         "study.base=null", "study.methods=[ddpm,cbdm]", "study.equal_compute=[cbdm]", "study.omega_grid=[1.0,2.0]",
