@@ -26,6 +26,14 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_ddpm_dir(tmp_path_factory):
+    """One output folder for the modules whose fixtures train the same tiny digits DDPM (image 8,
+    3 steps, batch 16): the first trains it, the next reuses it through the train stage's own skip
+    (the same training config gives the same run key), as a rerun of the pipeline would."""
+    return tmp_path_factory.mktemp("tiny-ddpm")
+
+
 @pytest.fixture
 def make_config(tmp_path):
     """A Config from a preset with overrides, writing under this test's temp folder."""

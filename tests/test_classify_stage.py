@@ -42,10 +42,10 @@ def test_synthetic_plans_fill_and_per_class(make_config):
 
 
 @pytest.fixture(scope="module")
-def classified(ray_session, tmp_path_factory):
+def classified(ray_session, tiny_ddpm_dir):
     from pipeline.config import load_config
 
-    out = tmp_path_factory.mktemp("classify")
+    out = tiny_ddpm_dir  # shared with test_evaluate_stage's tiny run: one DDPM fit for both
     cfg = load_config(REPO / "configs" / "digits_lt.yaml",
                       [f"output_dir={out}", *TINY, "classify.baselines=[ce,ldam_drw]", "classify.synthetic=per_class",
                        "classify.per_class=4", "stages=[data,train,classify,report]",

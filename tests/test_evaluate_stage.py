@@ -22,8 +22,8 @@ SETTINGS = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train
 
 
 @pytest.fixture(scope="module")
-def tiny_run(ray_session, tmp_path_factory):
-    out = tmp_path_factory.mktemp("evaluate")
+def tiny_run(ray_session, tiny_ddpm_dir):
+    out = tiny_ddpm_dir  # test_classify_stage's tiny DDPM (same training settings) is reused, not retrained
     cfg = load_config(REPO / "configs" / "digits_lt.yaml", [f"output_dir={out}", *SETTINGS])
     data = run_data(cfg)
     samples = run_sample(cfg, data, run_train(cfg, data))
