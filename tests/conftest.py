@@ -10,6 +10,10 @@ from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# the tiny digits DDPM that test_classify_stage and test_evaluate_stage share (in tiny_ddpm_dir): one
+# list, so that the two modules cannot drift apart and silently train it twice
+TINY_DDPM = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train.log_every=3",
+             "train.checkpoint_every=3", "train.bf16=false"]
 
 
 @pytest.fixture(scope="session")
@@ -28,8 +32,8 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tiny_ddpm_dir(tmp_path_factory):
-    """One output folder for the modules whose fixtures train the same tiny digits DDPM (image 8,
-    3 steps, batch 16): the first trains it, the next reuses it through the train stage's own skip
+    """One output folder for the modules whose fixtures train the same tiny digits DDPM (TINY_DDPM):
+    the first trains it, the next reuses it through the train stage's own skip
     (the same training config gives the same run key), as a rerun of the pipeline would."""
     return tmp_path_factory.mktemp("tiny-ddpm")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY_DDPM
 import torch
 
 from models.classify.training import to_classifier_input
@@ -19,8 +19,7 @@ from pipeline.stages.s1_data import run_data
 from pipeline.stages.s6_report import run_report
 from pipeline.stages.s2_train import run_train
 
-TINY = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train.log_every=3", "train.checkpoint_every=3",
-        "train.bf16=false", "sample.steps=3", "sample.batch_size=40", "sample.bf16=false", "classify.epochs=1",
+TINY = [*TINY_DDPM, "sample.steps=3", "sample.batch_size=40", "sample.bf16=false", "classify.epochs=1",
         "classify.batch_size=64", "classify.steps=3", "classify.input_size=8"]  # digits' own 8×8
 
 

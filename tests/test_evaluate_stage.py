@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY_DDPM
 from pipeline.config import load_config
 from pipeline.stages.s1_data import run_data
 from pipeline.errors import DataError, TaildiffError
@@ -15,8 +15,7 @@ from pipeline.stages.s3_sample import run_sample
 from pipeline.common.shards import tensor_array
 from pipeline.stages.s2_train import run_train
 
-SETTINGS = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train.log_every=3",
-            "train.checkpoint_every=3", "train.bf16=false", "sample.per_class=6", "sample.steps=4",
+SETTINGS = [*TINY_DDPM, "sample.per_class=6", "sample.steps=4",
             "sample.batch_size=30", "sample.bf16=false", "evaluate.domain_epochs=4", "evaluate.kid_subset_size=20",
             "evaluate.prd_runs=2", "evaluate.prd_clusters_per_class=2"]
 
