@@ -15,14 +15,17 @@ Blocks hold a whole number of batches, so in `balanced_batch` mode each batch th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 from ray.data import RandomSeedConfig
 
 from models.data.resampling import class_probabilities, epoch_plan
-from pipeline.config import ResampleConfig
 from pipeline.common.shards import read_split
+
+if TYPE_CHECKING:  # pipeline.config imports torch (the method registry): the stream's processes
+    from pipeline.config import ResampleConfig  # (split coordinator, map tasks) would pay 2-3 s each
 
 TARGET_BLOCK_ROWS = 4096
 
@@ -41,13 +44,19 @@ def expected_frequencies(labels: np.ndarray, rcfg: ResampleConfig) -> np.ndarray
     return class_probabilities(counts, rcfg.mode, rcfg.power)
 
 
-def _gather_block(batch: dict, *, arrays_ref, rcfg: ResampleConfig, seed: int, start_epoch: int,
+def plan_kwargs(rcfg: ResampleConfig) -> dict:
+    """The ResampleConfig fields the map step reads, as a plain dict (what it is pickled with)."""
+    return {"plan_args": {k: getattr(rcfg, k) for k in ("mode", "power", "epoch_size", "batch_size")}}
+
+
+def _gather_block(batch: dict, *, arrays_ref, plan_args: dict, seed: int, start_epoch: int,
                   block_rows: int, seed_config: RandomSeedConfig, data_context) -> dict:
-    """Map step: a block of plan positions -> the rows the plan puts there."""
+    """Map step: a block of plan positions -> the rows the plan puts there. `plan_args`: the
+    ResampleConfig's fields as a plain dict, so that unpickling this step imports no torch."""
     arrays = ray.get(arrays_ref)  # zero-copy views of the object-store copy
     epoch = start_epoch + seed_config.get_seed_tuple(data_context=data_context).execution_idx
-    plan = epoch_plan(arrays["label"], rcfg.mode, seed=seed, epoch=epoch, power=rcfg.power,
-                      epoch_size=rcfg.epoch_size or len(arrays["label"]), batch_size=rcfg.batch_size)
+    plan = epoch_plan(arrays["label"], plan_args["mode"], seed=seed, epoch=epoch, power=plan_args["power"],
+                      epoch_size=plan_args["epoch_size"] or len(arrays["label"]), batch_size=plan_args["batch_size"])
     parts = [plan[b * block_rows:(b + 1) * block_rows] for b in batch["id"]]
     rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)  # (R,)
     return {
@@ -85,7 +94,7 @@ def resampled_stream(split_dir: Path | str, image_shape, rcfg: ResampleConfig, *
         batch_size=None,
         batch_format="numpy",
         fn_kwargs=dict(
-            arrays_ref=arrays_ref, rcfg=rcfg, seed=seed, start_epoch=start_epoch, block_rows=block_rows,
+            arrays_ref=arrays_ref, **plan_kwargs(rcfg), seed=seed, start_epoch=start_epoch, block_rows=block_rows,
             seed_config=RandomSeedConfig(seed=seed, reseed_after_execution=True),
             data_context=blocks.context,
         ),
