@@ -159,3 +159,4 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], res.stderr[-2000:]
+    assert "Started a local Ray instance" not in res.stderr  # said before Ray starts, not 10-15 s later

@@ -36,6 +36,10 @@ def safe_checkpoint(path: Path, what: str, need: tuple = ()) -> dict:
 
 def check_run_inputs(cfg) -> None:
     """Every file named in the config, before Ray starts."""
+    if cfg.data.dataset == "imagefolder":  # (the data stage would say the same after a Ray start)
+        from pipeline.sources.imagefolder import check_root
+
+        check_root(cfg.data)
     t = cfg.train
     if t.init_from and t.init_from not in t.methods:
         safe_checkpoint(Path(t.init_from), "train.init_from", need=("ema", "config"))

@@ -113,12 +113,18 @@ def fingerprint(cfg) -> str:
     return digest.hexdigest()[:10]
 
 
-def load_imagefolder(cfg) -> SourceData:
+def check_root(cfg) -> Path:
+    """data.data_root is given and is a folder (also checked before Ray starts: pipeline/common/preflight.py)."""
     if not cfg.data_root:
         raise DataError("dataset imagefolder needs data.data_root=<folder with one subfolder per class>")
     root = Path(cfg.data_root)
     if not root.is_dir():
         raise DataError(f"imagefolder root {root} does not exist: pass data.data_root=<an existing folder>")
+    return root
+
+
+def load_imagefolder(cfg) -> SourceData:
+    root = check_root(cfg)
     skipped: list[str] = []
     top = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
     split_root = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
