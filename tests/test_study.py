@@ -134,6 +134,8 @@ def test_the_study_clock_keeps_the_seconds_of_a_phase_that_a_kill_cut_short(tmp_
     first = InvocationClock(tmp_path, heartbeat_s=None, now=lambda: t[0])
     t[0] = 100.0
     assert first.lap("train") == 100.0
+    with pytest.raises(ValueError, match="unknown study phase 'trian'"):  # a misspelt lap would corrupt the order
+        first.lap("trian")
     t[0] = 130.0
     first.beat()  # 30 s into the next phase (train_equal_compute) ...
     t[0] = 140.0  # ... killed: no lap, no close, the last 10 s are lost (at most one heartbeat period)

@@ -56,7 +56,10 @@ class InvocationClock:
             self._write()
 
     def lap(self, phase: str, seconds: float | None = None) -> float:
-        """End `phase`: `seconds` (default: since the previous lap or the clock's start) are added to it."""
+        """End `phase`: `seconds` (default: since the previous lap or the clock's start) are added to it.
+        `phase` is one of PHASES: an interrupted invocation's unfinished phase is found by their order."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown study phase {phase!r}: one of {', '.join(PHASES)}")
         with self._lock:
             now = self._now()
             seconds = now - self._mark if seconds is None else float(seconds)
