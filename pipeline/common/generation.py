@@ -169,6 +169,7 @@ def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, count
 
     from pipeline.common.progress import LocalProgress
     from pipeline.common.shards import tensor_array
+    from pipeline.common.streams import plan_dataset
 
     s = cfg.sample.for_method(model.method)  # the method's own ω (sample.omega_by_method) resolved here
     counts = [int(c) for c in counts]
@@ -187,7 +188,7 @@ def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, count
     compile_net = False
     try:
         if total:
-            ds = _plan_dataset(rows, s.batch_size)
+            ds = plan_dataset(rows, s.batch_size)
             threads = None if use_gpu else actor_threads(s.num_actors)
             compile_net = sample_compile(cfg, s, total, use_gpu)
             images = ds.map_batches(
@@ -240,16 +241,6 @@ def sample_compile(cfg: Config, s, images: int, use_gpu: bool) -> bool:
     per_actor = -(-images // max(1, s.num_actors))
     evaluations = per_actor * network_evaluations(s.sampler, cfg.model.timesteps, s.steps, s.omega)
     return resolve_compile(s.compile, device, resolve_bf16(s.bf16, device), evaluations)
-
-
-def _plan_dataset(rows: dict[str, np.ndarray], batch_size: int):
-    """The plan as a Ray Dataset, one block per sampling batch so work spreads over the pool."""
-    import pyarrow as pa
-    import ray
-
-    n = len(rows["label"])
-    tables = [pa.table({k: v[i:i + batch_size] for k, v in rows.items()}) for i in range(0, n, batch_size)]
-    return ray.data.from_arrow(tables)
 
 
 def write_grid(images_dir: Path, manifest: dict, out: Path, per_class: int, title: str,
