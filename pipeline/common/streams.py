@@ -112,7 +112,8 @@ def plan_dataset(rows: dict[str, np.ndarray], batch_size: int):
     """A generation plan (the sample stage's, the augmentation sets') as a Ray Dataset of one block
     per sampling batch, so work spreads over an actor pool. Built lazily from a range, so nothing
     runs before the pool starts: `ray.data.from_arrow` computes each block's metadata in remote tasks
-    the driver waits for (fresh worker processes after a fit: 2-3 s on 2 cores, measured)."""
+    the driver waits for, in fresh worker processes after a fit (50 digits images right after a fit:
+    10.0-10.2 s with it, 8.9-9.3 s without, on 2 cores)."""
     n = len(rows["label"])
     blocks = max(1, -(-n // batch_size))
     return ray.data.range(blocks, override_num_blocks=blocks).map_batches(
