@@ -25,13 +25,14 @@ def test_sources_and_shard_reader_work_without_ray():
 
 def test_the_training_streams_processes_import_no_torch():
     """What a Ray Train fit's data processes unpickle (the stream's map step and its arguments; the
-    split coordinator, the shard provider and the map tasks each start a fresh Python) imports no
-    torch: 2-3 s of imports per process, in series, measured at 4-7 s per fit (bench_fit_overhead)."""
+    split coordinator, the shard provider and the map tasks each start a fresh Python), and the
+    sampling plan's slice step, import no torch: 2.5-3.5 s per process, in series; 4.9 s
+    [2.8, 7.0] per fit measured (bench_fit_overhead, README "Measured")."""
     code = ("import pickle, sys\nfrom pipeline.common import streams, launcher, progress\n"
             "assert 'torch' not in sys.modules, 'torch imported by the stream/launcher modules'\n"
             "from pipeline.config import ResampleConfig\n"
             "kw = streams.plan_kwargs(ResampleConfig(mode='balanced_batch', batch_size=8))\n"
-            "blob = pickle.dumps((streams._gather_block, kw))\n"
+            "blob = pickle.dumps((streams._gather_block, kw, streams._plan_slice))\n"
             "print(blob.hex())")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
