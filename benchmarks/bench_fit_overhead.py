@@ -12,14 +12,18 @@ wave the same way (`--finetunes`). Prints one table; the ratio is measured in th
 `--poll R`: instead, the fixed cost of one fit (a one-epoch arm per fit) with Ray Train's controller
 polling its workers every 2 s (Ray's default) against every 0.5 s (pipeline/common/launcher.py's
 TRAIN_POLL_S), interleaved over R rounds in this one process (the controller takes the variable from
-the process calling fit(), so it can change between fits).
+the process calling fit(), so it can change between fits). `--preemption-watcher R`: the same with
+Ray Train's preemption watcher on (Ray's default) against off (what a local Ray gets,
+pipeline/common/ray_setup.py).
 
     python benchmarks/bench_fit_overhead.py [--arms 4] [--epochs 2] [--finetunes 2]
     python benchmarks/bench_fit_overhead.py --poll 3 [--arms 2]
+    python benchmarks/bench_fit_overhead.py --preemption-watcher 3 [--arms 2]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -100,38 +104,50 @@ def measure_finetunes(out: Path, finetunes: int) -> dict:
     return rows
 
 
-def measure_poll(out: Path, arms: int, rounds: int) -> None:
-    import os
+def measure_setting(out: Path, arms: int, rounds: int, env: str, values: tuple[str, str], label: str) -> None:
+    """The fixed cost of one fit (a one-epoch arm per fit) with the variable `env` at values[0] (before)
+    against values[1] (after), interleaved over `rounds` rounds in this one process. Ray Train's
+    controller reads these variables from the process calling fit() (its ENV_VARS_TO_PROPAGATE), so
+    they can change between fits."""
     import statistics
 
     from models.evaluation.intervals import paired_seed_difference
-    from pipeline.common.launcher import TRAIN_POLL_ENV, TRAIN_POLL_S
     from pipeline.config import load_config
     from pipeline.stages.s1_data import run_data
     from pipeline.stages.s5_classify import train_arms
 
-    fixed: dict[str, list[float]] = {"2.0": [], TRAIN_POLL_S: []}
+    fixed: dict[str, list[float]] = {value: [] for value in values}
+    cpu: dict[str, list[float]] = {value: [] for value in values}
     for r in range(rounds):
         for value in fixed:
-            os.environ[TRAIN_POLL_ENV] = value
+            os.environ[env] = value
             cfg = load_config(REPO / "configs" / "digits_lt.yaml", [
-                f"output_dir={out / f'poll-{r}-{value}'}", "classify.epochs=1", "classify.batch_size=64",
+                f"output_dir={out / f'{env}-{r}-{value}'}", "classify.epochs=1", "classify.batch_size=64",
                 "classify.synthetic=none", "classify.baselines=[ce,rs,la,ldam_drw]", "classify.eval_every=100",
                 "classify.bf16=false"])
             data = run_data(cfg)
             sets = _real_sets(data)
             for arm in _arms(cfg, arms):
-                started = time.perf_counter()
+                started, busy = time.perf_counter(), _busy_cpu_seconds()
                 result = train_arms(cfg, data, [arm], sets)
                 fixed[value].append(time.perf_counter() - started - result[arm.name].metrics["fit_seconds"])
-    print("| controller poll interval | fits | fixed cost per fit s (mean ± std) |")
-    print("|---|---|---|")
+                cpu[value].append(_busy_cpu_seconds() - busy)
+    print(f"| {label} | fits | fixed cost per fit s (mean ± std) | CPU-seconds per fit, all processes |")
+    print("|---|---|---|---|")
     for value, xs in fixed.items():
-        print(f"| {value} s | {len(xs)} | {statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f} |")
-    d = paired_seed_difference(fixed["2.0"], fixed[TRAIN_POLL_S])  # fit i of a round against fit i, t-interval
-    verdict = "" if d["real"] else ": no difference"
-    print(f"saved per fit at {TRAIN_POLL_S} s: {d['mean']:.2f} s [{d['low']:.2f}, {d['high']:.2f}] 95% "
-          f"({d['n']} paired fits, {rounds} interleaved rounds){verdict}")
+        print(f"| {env}={value} | {len(xs)} | {statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f} | "
+              f"{statistics.mean(cpu[value]):.1f} ± {statistics.stdev(cpu[value]):.1f} |")
+    for what, unit, xs in (("fixed cost", "s", fixed), ("CPU", "CPU-s", cpu)):
+        d = paired_seed_difference(xs[values[0]], xs[values[1]])  # fit i of a round against fit i, t-interval
+        verdict = "" if d["real"] else ": no difference"
+        print(f"{what} saved per fit at {env}={values[1]}: {d['mean']:.2f} {unit} [{d['low']:.2f}, {d['high']:.2f}] "
+              f"95% ({d['n']} paired fits, {rounds} interleaved rounds){verdict}")
+
+
+def _busy_cpu_seconds() -> float:
+    """The machine's busy CPU time so far (every process: Ray's actors included), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
 
 
 def main() -> None:
@@ -140,18 +156,27 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--finetunes", type=int, default=2)
     parser.add_argument("--poll", type=int, default=0, metavar="ROUNDS")
+    parser.add_argument("--preemption-watcher", type=int, default=0, metavar="ROUNDS")
     args = parser.parse_args()
-    if args.poll and args.poll * args.arms < 2:
-        parser.error("--poll needs at least two fits per interval for a spread: --poll 2, or --arms 2")
+    rounds = args.poll or args.preemption_watcher
+    if rounds and rounds * args.arms < 2:
+        parser.error("--poll / --preemption-watcher need at least two fits per setting for a spread: 2 rounds, "
+                     "or --arms 2")
     import ray
 
     from pipeline.common.ray_setup import init_ray
 
     init_ray(num_cpus=2)
     out = Path(tempfile.mkdtemp(prefix="bench-fit-"))
-    if args.poll:
+    if rounds:
+        from pipeline.common.launcher import TRAIN_POLL_ENV, TRAIN_POLL_S
+
+        if args.poll:
+            setting = (TRAIN_POLL_ENV, ("2.0", TRAIN_POLL_S), "controller poll interval")
+        else:  # Ray's default (on) against what a local Ray gets (pipeline/common/ray_setup.py)
+            setting = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", ("1", "0"), "Ray Train's preemption watcher")
         try:
-            measure_poll(out, args.arms, args.poll)
+            measure_setting(out, args.arms, rounds, *setting)
         finally:
             ray.shutdown()
             shutil.rmtree(out, ignore_errors=True)

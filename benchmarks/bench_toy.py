@@ -9,7 +9,7 @@ DiffRC needs a source model: it is trained here the way the pipeline does (head 
 `diffrc_cfg@diffrc.lam=0` is the same target without its pair-wise loss (DiffRC's ablation). A method
 entry `name@section.field=value[@...]` runs `name` with those options.
 
-    python benchmarks/bench_toy.py [--seeds 3] [--steps 600] [--methods ddpm,cbdm,t2h,...]
+    python benchmarks/bench_toy.py [--seeds 3] [--steps 600] [--methods ddpm,cbdm,t2h,...] [--processes 2]
 """
 from __future__ import annotations
 
@@ -50,22 +50,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--methods", default=",".join(DEFAULT))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=None,
+                        help="worker processes of one thread each (default: one per core; 1 = this process)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads with --processes 1")
     args = parser.parse_args()
     import torch
 
     from models.evaluation.intervals import paired_seed_difference
-    from models.toy.bench import ToyData, run_method, toy_run
+    from models.toy.bench import ToyData, run_methods, toy_run
 
     torch.set_num_threads(args.threads)
     data = ToyData()
     methods = args.methods.split(",")
-    results: dict[str, list[dict]] = {m: [] for m in methods}
     started = time.perf_counter()
-    for seed in range(args.seeds):
+    jobs = [(*parse_entry(m, toy_run, steps=args.steps), seed) for seed in range(args.seeds) for m in methods]
+    runs = iter(run_methods(jobs, data, args.processes))
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    for _ in range(args.seeds):
         for m in methods:
-            name, run = parse_entry(m, toy_run, steps=args.steps)
-            results[m].append(run_method(name, data, run, seed))
+            results[m].append(next(runs))
     print(f"toy bench: {data.num_classes} classes, counts {list(data.counts)}, {args.steps} steps per method, "
           f"{args.seeds} seeds, {toy_run('ddpm').per_class} samples per class, OC cutoff 20 of T=200 ({time.perf_counter() - started:.0f} s)")
     print("| method | " + " | ".join(METRICS) + " | Δ tail leakage vs ddpm [95% CI] | Δ overlap vs ddpm [95% CI] "

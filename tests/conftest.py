@@ -11,9 +11,11 @@ from pipeline.config import load_config
 REPO = Path(__file__).resolve().parent.parent
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # the tiny digits DDPM that test_classify_stage and test_evaluate_stage share (in tiny_ddpm_dir): one
-# list, so that the two modules cannot drift apart and silently train it twice
+# list, so that the two modules cannot drift apart and silently train it twice. The tiny configs of the
+# tests that do not read TensorBoard's per-class checkpoint grid turn it off (tracking.grid_per_class=0):
+# drawing it imports diffusers (its solver) in the worker, 4.3 CPU-seconds a fit on a 2-core machine.
 TINY_DDPM = ["model.image_size=8", "train.steps=3", "train.batch_size=16", "train.log_every=3",
-             "train.checkpoint_every=3", "train.bf16=false"]
+             "train.checkpoint_every=3", "train.bf16=false", "tracking.grid_per_class=0"]
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """`use_gpu: auto` resolution, per-device choices, the progress lines' CI mode, and how worker
 errors reach the user (no Ray needed: the logic is tested on its own)."""
 import logging
+import os
 
 import pytest
 
@@ -196,17 +197,21 @@ def test_worker_errors_keep_their_own_message():
     assert worker_error_line(RuntimeError(trace)) == "NonFiniteLossError: loss nan"
 
 
-def test_a_local_ray_start_that_times_out_is_retried(monkeypatch, caplog):
+def test_a_local_ray_start_is_retried_after_a_timeout_and_runs_no_preemption_watcher(monkeypatch, caplog):
     """Ray gives its raylet a fixed 30 s to register; on a busy 2-core machine that sometimes is not
-    enough. The start is retried (after shutting the half-started node down); other errors are not."""
+    enough. The start is retried (after shutting the half-started node down); other errors are not.
+    Ray Train's preemption watcher is off for the local node (no autoscaler can drain it)."""
     import ray
 
     from pipeline.common import ray_setup
 
     calls, shutdowns = [], []
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)  # (the session's Ray set it)
 
     def fake_init(**kwargs):
         calls.append(kwargs)
+        # set before the node starts, so that its processes (the Train controllers) inherit it
+        assert os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") == "0"
         if len(calls) == 1:
             raise Exception("The current node timed out during startup. This could happen because ...")
 

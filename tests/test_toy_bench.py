@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.toy.bench import ToyData, ToyRun, run_method, toy_run, train_toy
+from models.toy.bench import ToyData, ToyRun, run_methods, toy_run, train_toy
 
 DATA = ToyData()
 SEEDS = (0, 1, 2)
@@ -18,10 +18,9 @@ SEEDS = (0, 1, 2)
 
 @pytest.fixture(scope="module")
 def results():
-    torch.set_num_threads(2)
     methods = ("ddpm", "cbdm", "t2h", "diffrop")
-    return {m: [run_method(m, DATA, toy_run(m), s) for s in SEEDS]
-            for m in methods}
+    runs = iter(run_methods([(m, toy_run(m), s) for m in methods for s in SEEDS], DATA))
+    return {m: [next(runs) for _ in SEEDS] for m in methods}
 
 
 def _values(results, method, key):
@@ -48,8 +47,10 @@ def test_diffrc_pair_loss_makes_tail_samples_more_diverse():
     (λ = 0: the same source, the same steps, the same balanced batches, the same sampling noise).
     The conditional backbone (`diffrc_cfg`): the paper's unconditional `diffrc` gets its class only from
     the prototype guidance, which the toy bench does not train, so its per-class samples mean nothing here."""
-    spread = {lam: np.array([run_method("diffrc_cfg", DATA, ToyRun(options={"diffrc": {"lam": lam}}), s)["tail_spread"]
-                             for s in SEEDS]) for lam in (0.5, 0.0)}
+    lams = (0.5, 0.0)
+    runs = iter(run_methods([("diffrc_cfg", ToyRun(options={"diffrc": {"lam": lam}}), s) for lam in lams for s in SEEDS],
+                            DATA))
+    spread = {lam: np.array([next(runs)["tail_spread"] for _ in SEEDS]) for lam in lams}
     with_pair, without = spread[0.5], spread[0.0]
     assert (with_pair > without).all() and (with_pair - without).mean() > 0.03, (with_pair, without)
 

@@ -113,7 +113,7 @@ def test_non_finite_loss_stops_with_a_clear_error(ray_session, tmp_path):
     cfg = load_config(REPO / "configs" / "digits_lt.yaml", [
         f"output_dir={tmp_path}", *TINY, "train.num_workers=1", "train.steps=40", "train.log_every=1",
         "train.checkpoint_every=1", "train.lr=1e12", "train.warmup_steps=0", "train.grad_clip=1e30",
-        "train.max_failures=0"])
+        "train.max_failures=0", "tracking.grid_per_class=0"])
     data = run_data(cfg)
     with pytest.raises(TaildiffError, match=r"diverged: loss (nan|inf|-inf) .*last good checkpoint \(ddpm, step \d+\) is kept"):
         run_train(cfg, data)
@@ -128,7 +128,8 @@ def test_non_finite_loss_stops_with_a_clear_error(ray_session, tmp_path):
 def test_composed_methods_and_fine_tuning_through_ray_train(ray_session, tmp_path):
     overrides = [f"output_dir={tmp_path}", *TINY, "train.num_workers=1", "train.steps=3", "train.log_every=1",
                  "train.methods=[ddpm,cbdm+diffrop,t2h,diffrc,pcg]", "train.init_from=ddpm", "diffrop.group_size=4",
-                 "oc.batch_resample=true", "oc.cutoff=800", "diffrc.source_steps=3", "diffrc.feature_steps=3"]
+                 "oc.batch_resample=true", "oc.cutoff=800", "diffrc.source_steps=3", "diffrc.feature_steps=3",
+                 "tracking.grid_per_class=0"]
     cfg = load_config(REPO / "configs" / "digits_lt.yaml", overrides)
     data = run_data(cfg)
     models = run_train(cfg, data)

@@ -21,7 +21,7 @@ SPACES = sorted((REPO / "tune_spaces").glob("*.yaml"))
 TINY = ["model.image_size=8", "train.steps=4", "train.batch_size=16", "train.log_every=2",
         "train.checkpoint_every=2", "train.bf16=false", "train.cpus_per_worker=0.5", "train.torch_threads=1",
         "train.max_failures=0", "sample.per_class=2", "sample.batch_size=20", "sample.bf16=false",
-        "evaluate.domain_epochs=1"]
+        "evaluate.domain_epochs=1", "tracking.grid_per_class=0"]
 
 
 def test_space_files_exist_for_each_method_family():
