@@ -90,16 +90,45 @@ def resolve_bf16_cpu() -> bool:
     return resolve_bf16("auto", "cpu")
 
 
+def _set_spec(weights, compile_net=False, setting="auto", batch_size=6, omega=2.0) -> dict:
+    cfg = {"sampler": "euler_a", "steps": 3, "eta": 0.0, "clip_x0": None, "omega": omega, "bf16": False,
+           "guidance_scale": None, "guidance_norm": "rms", "batch_size": batch_size, "compile": setting}
+    return {"weights": str(weights), "sample_cfg": cfg, "compile_net": compile_net}
+
+
+def _rows(rows=4, set_id=0, first_seed=100):
+    import numpy as np
+
+    return {"seed": np.arange(first_seed, first_seed + rows), "label": np.arange(rows) % 10, "k": np.arange(rows),
+            "set": np.full(rows, set_id)}
+
+
 def _actor_images(weights, compile_net, setting, rows=4, batch_size=6):
+    from pipeline.common.generation import SamplerActor
+
+    actor = SamplerActor({0: _set_spec(weights, compile_net, setting, batch_size)}, threads=2, use_gpu=False)
+    return actor, actor(_rows(rows))["image"]
+
+
+def test_one_sampling_actor_serves_several_sets_as_each_alone(tmp_path):
+    """The sets of one generate_sets call share the actor pool: an actor holding three sets (two
+    models, one of them at two ω; only two kept loaded) gives each batch the images that set's own actor
+    gives, also for a batch of rows from two sets."""
     import numpy as np
 
     from pipeline.common.generation import SamplerActor
 
-    cfg = {"sampler": "euler_a", "steps": 3, "eta": 0.0, "clip_x0": None, "omega": 2.0, "bf16": False,
-           "guidance_scale": None, "guidance_norm": "rms", "batch_size": batch_size, "compile": setting}
-    actor = SamplerActor(str(weights), cfg, threads=2, use_gpu=False, compile_net=compile_net)
-    batch = {"seed": np.arange(100, 100 + rows), "label": np.arange(rows) % 10, "k": np.arange(rows)}
-    return actor, actor(batch)["image"]
+    a, b = write_tiny_checkpoint(tmp_path / "a.pt", seed=1), write_tiny_checkpoint(tmp_path / "b.pt", seed=2)
+    specs = {0: _set_spec(a), 1: _set_spec(b), 2: _set_spec(a, omega=0.0)}
+    alone = {i: SamplerActor({i: spec}, threads=2, use_gpu=False)(_rows(4, i))["image"] for i, spec in specs.items()}
+    assert not np.array_equal(alone[0], alone[1]) and not np.array_equal(alone[0], alone[2])
+    shared = SamplerActor(specs, threads=2, use_gpu=False)
+    for i in (0, 1, 2, 0):  # the third set evicts the first, which is loaded again
+        out = shared(_rows(4, i))
+        assert np.array_equal(out["image"], alone[i]) and (out["set"] == i).all()
+    assert list(shared.loaded) == [2, 0]
+    mixed = {k: np.concatenate([_rows(4, 1)[k], _rows(4, 2)[k]]) for k in ("seed", "label", "k", "set")}
+    assert np.array_equal(shared(mixed)["image"], np.concatenate([alone[1], alone[2]]))
 
 
 def test_a_compiled_sampling_actor_pads_to_one_shape_and_gives_the_same_images(tmp_path):
@@ -110,7 +139,7 @@ def test_a_compiled_sampling_actor_pads_to_one_shape_and_gives_the_same_images(t
     weights = write_tiny_checkpoint(tmp_path / "model.pt")
     _, eager = _actor_images(weights, False, "auto")
     actor, compiled = _actor_images(weights, True, "auto")
-    assert actor.compiled and compiled.shape == eager.shape == (4, 8, 8, 1)
+    assert actor.loaded[0]["compiled"] and compiled.shape == eager.shape == (4, 8, 8, 1)
     diff = np.abs(compiled.astype(int) - eager.astype(int))
     assert eager.std() > 10 and diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
@@ -135,7 +164,7 @@ def test_a_compile_that_fails_falls_back_to_eager_under_auto_only(tmp_path, monk
     monkeypatch.setattr(torch, "compile", lambda net: Broken(net))
     caplog.set_level(logging.WARNING, logger="taildiff.sample")
     actor, images = _actor_images(weights, True, "auto")
-    assert not actor.compiled and np.array_equal(images, eager)
+    assert not actor.loaded[0]["compiled"] and np.array_equal(images, eager)
     assert "torch.compile failed on this node (InductorError: CppCompileError" in caplog.text
     with pytest.raises(RuntimeError, match="CppCompileError"):
         _actor_images(weights, True, True)

@@ -72,3 +72,18 @@ def test_balanced_batch_mode_yields_balanced_batches(digits_lt):
     assert len(rows["label"]) == 3000
     for b in batches:
         assert np.bincount(b["label"].numpy(), minlength=10).tolist() == [4] * 10
+
+
+def test_a_generation_plan_keeps_each_set_in_blocks_of_its_own_batch_size(ray_session):
+    """generate_sets lays the sets' plans end to end: no block holds rows of two sets, and every row
+    is in exactly one block."""
+    from pipeline.common.streams import plan_bounds, plan_dataset
+
+    bounds = plan_bounds([5, 0, 3], [2, 4, 4])
+    assert bounds == [0, 2, 4, 5, 8]
+    rows = {"set": np.repeat([0, 2], [5, 3]), "seed": np.arange(8)}
+    blocks = [{k: np.asarray(v) for k, v in b.items()}
+              for b in plan_dataset(rows, bounds).iter_batches(batch_size=None, batch_format="numpy")]
+    assert sorted(len(b["seed"]) for b in blocks) == [1, 2, 2, 3]
+    assert all(len(set(b["set"].tolist())) == 1 for b in blocks)
+    assert sorted(np.concatenate([b["seed"] for b in blocks]).tolist()) == list(range(8))

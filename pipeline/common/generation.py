@@ -1,9 +1,12 @@
 """Class-conditional generation on a Ray Data actor pool from a model's EMA weights: the sample
 stage's evaluation sets and the classify stage's augmentation sets both come from here.
 
-Each actor loads the model once (one actor per GPU, or per CPU slot). The plan is a table of
-(label, k, seed) rows; every image's noise comes from its own seed, so a sample does not depend
-on batch size, actor count or device. A set lands in `samples/<folder>/`:
+The sets a stage needs (every method's evaluation set and companion grids, every method's
+augmentation set) run in one Ray Data pipeline on one actor pool (generate_sets): the pool's actors
+start once, not once per set, and each loads a set's model when that set's first batch reaches it
+(one actor per GPU, or per CPU slot). The plan is a table of (set, label, k, seed) rows; every image's
+noise comes from its own seed, so a sample does not depend on batch size, actor count, device or
+the other sets of the pool. A set lands in `samples/<folder>/`:
   images/part-NNNNN.parquet   image (H, W, C) uint8, label, k, seed
   grid.png                    a row per class
   manifest.json               what produced it (its key), counts, sampler, seconds
@@ -71,68 +74,93 @@ def build_denoiser(net, weights: Path, omega: float, bf16: bool, schedule, devic
 
 
 class SamplerActor:
-    """Holds one model; turns batches of plan rows into uint8 images."""
+    """Turns batches of plan rows into uint8 images. `sets` maps a set id (the rows' `set` column) to
+    its model and sample section: the sets of one call of generate_sets share the pool. A set's model
+    is loaded when its first batch arrives; the two most recent are kept (the plan runs set after set)."""
 
-    def __init__(self, weights: str, sample_cfg: dict, threads: int | None, use_gpu: bool,
-                 storage: str | None = None, output_dir: str | None = None, compile_net: bool = False):
+    KEEP = 2
+
+    def __init__(self, sets: dict, threads: int | None, use_gpu: bool, storage: str | None = None,
+                 output_dir: str | None = None):
         import torch
 
+        if threads:
+            torch.set_num_threads(threads)
+        self.sets = {int(k): v for k, v in sets.items()}
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.storage, self.output_dir = storage, output_dir
+        self.loaded: dict[int, dict] = {}  # set id -> its denoiser and shapes, most recent last
+
+    def _state(self, set_id: int) -> dict:
+        if set_id in self.loaded:
+            self.loaded[set_id] = self.loaded.pop(set_id)
+            return self.loaded[set_id]
         from pipeline.common.artifacts import load_model, make_schedule, model_extras
         from pipeline.common.storage import Storage, ensure_local
 
-        shared = Storage.from_uri(storage) if storage else None  # an actor on a node without the files
-        weights = str(ensure_local(weights, shared, output_dir))
+        spec = self.sets[set_id]
+        shared = Storage.from_uri(self.storage) if self.storage else None  # an actor on a node without the files
+        weights = str(ensure_local(spec["weights"], shared, self.output_dir))
         guidance = model_extras(Path(weights)).get("guidance") if shared else None
         if guidance:
-            ensure_local(guidance["weights"], shared, output_dir)
-        if threads:
-            torch.set_num_threads(threads)
-        self.cfg = dict(sample_cfg)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+            ensure_local(guidance["weights"], shared, self.output_dir)
+        cfg, compile_net = dict(spec["sample_cfg"]), bool(spec["compile_net"])
         net, run_cfg, manifest = load_model(Path(weights), self.device)
-        self.schedule = make_schedule(run_cfg)
-        self.size = run_cfg.model.image_size
-        self.height, self.width, self.channels = manifest["image_shape"]
-        args = (Path(weights), self.cfg["omega"], self.cfg["bf16"], self.schedule, self.device,
-                self.cfg.get("guidance_scale"), self.cfg.get("guidance_norm", "rms"))
-        self.denoiser = build_denoiser(net, *args, compile_net=compile_net)
-        # compiled: every batch is padded to batch_size (one shape, one compile; the padding rows' images
-        # are dropped and, with one generator per image, change nothing in the others); if the compile
-        # itself fails (no C++ compiler on the node) under `auto`, the actor goes on eagerly
-        self.compiled, self.batch_size = compile_net, int(self.cfg["batch_size"])
-        self._eager = (lambda: build_denoiser(net, *args)) if compile_net and self.cfg.get("compile") == "auto" else None
-        self.key = self.cfg.get("progress_key")
-        self.done = 0
+        schedule = make_schedule(run_cfg)
+        args = (Path(weights), cfg["omega"], cfg["bf16"], schedule, self.device, cfg.get("guidance_scale"),
+                cfg.get("guidance_norm", "rms"))
+        state = {"cfg": cfg, "schedule": schedule, "size": run_cfg.model.image_size, "shape": manifest["image_shape"],
+                 "denoiser": build_denoiser(net, *args, compile_net=compile_net),
+                 # compiled: every batch is padded to batch_size (one shape, one compile; the padding rows'
+                 # images are dropped and, with one generator per image, change nothing in the others); if
+                 # the compile itself fails (no C++ compiler on the node) under `auto`, it goes on eagerly
+                 "compiled": compile_net, "batch_size": int(cfg["batch_size"]),
+                 "eager": (lambda: build_denoiser(net, *args)) if compile_net and cfg.get("compile") == "auto" else None}
+        while len(self.loaded) >= self.KEEP:
+            self.loaded.pop(next(iter(self.loaded)))
+        self.loaded[set_id] = state
+        return state
 
     def __call__(self, batch: dict) -> dict:
+        sets = np.asarray(batch["set"])
+        if (sets == sets[0]).all():
+            return self._generate(int(sets[0]), batch)
+        parts = [self._generate(int(i), {k: np.asarray(v)[sets == i] for k, v in batch.items()})
+                 for i in dict.fromkeys(sets.tolist())]  # (blocks never mix sets; a bundle of blocks might)
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+    def _generate(self, set_id: int, batch: dict) -> dict:
         import torch
 
         from models.data.images import to_uint8_images
         from models.diffusion.guidance import ImageNoise
         from models.diffusion.samplers import generate
 
-        seeds, labels = batch["seed"].tolist(), batch["label"].tolist()
+        st = self._state(set_id)
+        cfg = st["cfg"]
+        height, width, channels = st["shape"]
+        seeds, labels = np.asarray(batch["seed"]).tolist(), np.asarray(batch["label"]).tolist()
         n = len(seeds)
-        pad = max(0, self.batch_size - n) if self.compiled else 0
+        pad = max(0, st["batch_size"] - n) if st["compiled"] else 0
         seeds, labels = seeds + seeds[-1:] * pad, labels + labels[-1:] * pad
 
         def run():
-            noise = ImageNoise(seeds, (self.channels, self.size, self.size), self.device)
+            noise = ImageNoise(seeds, (channels, st["size"], st["size"]), self.device)
             y = torch.as_tensor(labels, device=self.device)
-            return generate(self.denoiser, self.schedule, noise, y, sampler=self.cfg["sampler"],
-                            steps=self.cfg["steps"], eta=self.cfg["eta"], clip_x0=self.cfg["clip_x0"])[:n]
+            return generate(st["denoiser"], st["schedule"], noise, y, sampler=cfg["sampler"],
+                            steps=cfg["steps"], eta=cfg["eta"], clip_x0=cfg["clip_x0"])[:n]
 
         try:
             x = run()
         except Exception as exc:  # noqa: BLE001 - inductor raises its own types (no compiler, a failed build)
-            if self._eager is None:
+            if st["eager"] is None:
                 raise
             log.warning("sample: torch.compile failed on this node (%s); sampling eagerly",
                         str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
-            self.denoiser, self._eager, self.compiled = self._eager(), None, False
+            st["denoiser"], st["eager"], st["compiled"] = st["eager"](), None, False
             x = run()
-        images = to_uint8_images(x.float(), self.height, self.width).cpu().numpy()  # (b, H, W, C)
-        return {"image": images, "label": batch["label"], "k": batch["k"], "seed": batch["seed"]}
+        images = to_uint8_images(x.float(), height, width).cpu().numpy()  # (b, H, W, C)
+        return {"image": images, "label": batch["label"], "k": batch["k"], "seed": batch["seed"], "set": batch["set"]}
 
 
 def actor_threads(num_actors: int) -> int:
@@ -157,78 +185,148 @@ def sample_key(sample_cfg, model: ModelArtifact, counts: list[int], seed: int) -
                         "model": content_stamp(model.weights)})  # by content: the same key on any node
 
 
+@dataclasses.dataclass(frozen=True)
+class SetRequest:
+    """One image set: `counts` images per class from `model` with `cfg.sample` (the method's own ω
+    resolved) into samples/<folder>/, from the noises of `seed_tag`."""
+
+    cfg: Config
+    model: ModelArtifact
+    counts: list
+    folder: str
+    seed_tag: str
+
+
 def generate_set(cfg: Config, data: DatasetArtifact, model: ModelArtifact, counts: list[int], folder: str,
                  seed_tag: str, use_gpu: bool = False) -> SampleArtifact:
     """`counts` images per class from `model` with `cfg.sample` into samples/<folder>/ (reused when its
     key matches). Image k of class c starts from the noise of seed f(run seed, seed_tag, c, k): the
     same for every method of a run (paired comparisons), different between tags (the evaluation set
     and the augmentation set of one model are different images)."""
+    return generate_sets(data, [SetRequest(cfg, model, counts, folder, seed_tag)], use_gpu)[folder]
+
+
+@dataclasses.dataclass
+class _Pending:
+    request: SetRequest
+    sample: object  # the resolved sample section
+    counts: list
+    out: Path
+    key: str
+    tmp: Path
+    compile_net: bool = False
+    done: int = 0
+    shards: int = 0
+    progress: object = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def generate_sets(data: DatasetArtifact, requests: list[SetRequest], use_gpu: bool = False) -> dict[str, SampleArtifact]:
+    """generate_set for several sets: the ones not reused run in one Ray Data pipeline on one actor pool
+    (its actors start once, not once per set: 4-6 s a set on 2 cores), each set in blocks of its own
+    batch size. A set is published (grid, manifest, then the rename of its folder) as soon as its last
+    image arrives, so an interruption keeps the sets that finished. Returns {folder: artifact}."""
+    if len({r.folder for r in requests}) != len(requests):
+        raise ValueError(f"generate_sets: a folder twice in {[r.folder for r in requests]}")
+    results: dict[str, SampleArtifact] = {}
+    pending: list[_Pending] = []
+    try:
+        for req in requests:
+            s = req.cfg.sample.for_method(req.model.method)  # the method's own ω (sample.omega_by_method)
+            counts = [int(c) for c in req.counts]
+            out = (req.cfg.run_dir / "samples" / req.folder).resolve()
+            key = sample_key(s, req.model, counts, req.cfg.seed) + f"-{req.seed_tag}"
+            manifest_path = out / "manifest.json"
+            if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
+                log.info("sample[%s]: reusing %s", req.folder, out)
+                results[req.folder] = SampleArtifact(req.model.method, out, sum(counts), skipped=True)
+                continue
+            tmp = out.parent / f".tmp-{req.folder}-{uuid.uuid4().hex[:8]}"
+            (tmp / "images").mkdir(parents=True)
+            pending.append(_Pending(req, s, counts, out, key, tmp))
+        started = time.perf_counter()
+        live = [p for p in pending if p.total]
+        for p in pending:
+            if not p.total:
+                results[p.request.folder] = _publish(p, data, started, use_gpu)
+        if live:
+            _sample_on_pool(data, live, use_gpu, started, results)
+    finally:
+        for p in pending:
+            shutil.rmtree(p.tmp, ignore_errors=True)
+    return {req.folder: results[req.folder] for req in requests}
+
+
+def _sample_on_pool(data: DatasetArtifact, live: list[_Pending], use_gpu: bool, started: float, results: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
 
     from pipeline.common.progress import LocalProgress
     from pipeline.common.shards import tensor_array
-    from pipeline.common.streams import plan_dataset
+    from pipeline.common.streams import plan_bounds, plan_dataset
 
-    s = cfg.sample.for_method(model.method)  # the method's own ω (sample.omega_by_method) resolved here
-    counts = [int(c) for c in counts]
-    out = (cfg.run_dir / "samples" / folder).resolve()
-    key = sample_key(s, model, counts, cfg.seed) + f"-{seed_tag}"
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("key") == key:
-        log.info("sample[%s]: reusing %s", folder, out)
-        return SampleArtifact(model.method, out, sum(counts), skipped=True)
+    plans = [plan_rows(p.counts, p.request.cfg.seed, p.request.seed_tag) for p in live]
+    rows = {k: np.concatenate([plan[k] for plan in plans]) for k in ("label", "k", "seed")}
+    rows["set"] = np.repeat(np.arange(len(live), dtype=np.int64), [p.total for p in live])
+    num_actors = max(p.sample.num_actors for p in live)
+    threads = None if use_gpu else actor_threads(num_actors)
+    specs = {}
+    for i, p in enumerate(live):
+        p.compile_net = sample_compile(p.request.cfg, p.sample, p.total, use_gpu)
+        specs[i] = {"weights": str(p.request.model.weights), "sample_cfg": dataclasses.asdict(p.sample),
+                    "compile_net": p.compile_net}
+    first = live[0].request.cfg
+    images = plan_dataset(rows, plan_bounds([p.total for p in live], [p.sample.batch_size for p in live])).map_batches(
+        SamplerActor,
+        fn_constructor_kwargs={"sets": specs, "threads": threads, "use_gpu": use_gpu, "storage": first.storage,
+                               "output_dir": str(Path(first.output_dir).resolve())},
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=None,  # a block is one set's sampling batch (plan_bounds)
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else 1,
+        batch_format="numpy",
+    )
+    for batch in images.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in dict.fromkeys(np.asarray(batch["set"]).tolist()):
+            p, mine = live[i], np.asarray(batch["set"]) == i
+            if p.progress is None:
+                p.progress = LocalProgress(f"sample/{p.request.folder}", p.total, "img")
+            table = pa.table({"image": tensor_array(batch["image"][mine]), "label": pa.array(batch["label"][mine]),
+                              "k": pa.array(batch["k"][mine]), "seed": pa.array(batch["seed"][mine])})
+            pq.write_table(table, p.tmp / "images" / f"part-{p.shards:05d}.parquet")
+            p.shards, p.done = p.shards + 1, p.done + int(mine.sum())
+            p.progress.update(int(mine.sum()))
+            if p.done == p.total:
+                p.progress.close()
+                results[p.request.folder] = _publish(p, data, started, use_gpu)
+    missing = [p.request.folder for p in live if p.request.folder not in results]
+    if missing:
+        raise RuntimeError(f"sample: the pool ended before every image of {missing} arrived")
 
-    rows = plan_rows(counts, cfg.seed, seed_tag)
-    total = len(rows["label"])
-    tmp = out.parent / f".tmp-{folder}-{uuid.uuid4().hex[:8]}"
-    (tmp / "images").mkdir(parents=True)
-    started = time.perf_counter()
-    compile_net = False
-    try:
-        if total:
-            ds = plan_dataset(rows, s.batch_size)
-            threads = None if use_gpu else actor_threads(s.num_actors)
-            compile_net = sample_compile(cfg, s, total, use_gpu)
-            images = ds.map_batches(
-                SamplerActor,
-                fn_constructor_kwargs={"weights": str(model.weights), "sample_cfg": dataclasses.asdict(s),
-                                       "threads": threads, "use_gpu": use_gpu, "storage": cfg.storage,
-                                       "output_dir": str(Path(cfg.output_dir).resolve()),
-                                       "compile_net": compile_net},
-                compute=ray.data.ActorPoolStrategy(size=s.num_actors),
-                batch_size=s.batch_size,
-                num_gpus=1 if use_gpu else 0,
-                num_cpus=0 if use_gpu else 1,
-                batch_format="numpy",
-            )
-            progress = LocalProgress(f"sample/{folder}", total, "img")
-            done, shard = 0, 0
-            for batch in images.iter_batches(batch_size=None, batch_format="numpy"):
-                table = pa.table({"image": tensor_array(batch["image"]), "label": pa.array(batch["label"]),
-                                  "k": pa.array(batch["k"]), "seed": pa.array(batch["seed"])})
-                pq.write_table(table, tmp / "images" / f"part-{shard:05d}.parquet")
-                shard, done = shard + 1, done + len(batch["label"])
-                progress.update(len(batch["label"]))
-            progress.close()
-        grid = write_grid(tmp / "images", data.manifest, tmp / "grid.png", s.grid_per_class,
-                          title=f"{cfg.name}: {model.method}, {s.sampler}-{s.steps} ω={s.omega}")
-        manifest = {"method": model.method, "key": key, "seed_tag": seed_tag, "counts": counts, "num_images": total,
-                    "sample": dataclasses.asdict(s), "use_gpu": use_gpu,
-                    "compile_net": bool(total and compile_net),  # asked of the actors (a fallback is in their log)
-                    "model": str(model.weights), "grid": grid,
-                    "seconds": round(time.perf_counter() - started, 2), "image_shape": data.manifest["image_shape"],
-                    "class_names": data.manifest["class_names"]}
-        write_json(tmp / "manifest.json", manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("sample[%s]: %d images in %.1f s%s -> %s", folder, total, time.perf_counter() - started,
-             " (network compiled)" if compile_net else "", out)
-    return SampleArtifact(model.method, out, total, skipped=False)
+
+def _publish(p: _Pending, data: DatasetArtifact, started: float, use_gpu: bool) -> SampleArtifact:
+    """A finished set: its grid and manifest, then its temp folder renamed into place."""
+    req, s = p.request, p.sample
+    grid = write_grid(p.tmp / "images", data.manifest, p.tmp / "grid.png", s.grid_per_class,
+                      title=f"{req.cfg.name}: {req.model.method}, {s.sampler}-{s.steps} ω={s.omega}")
+    seconds = time.perf_counter() - started
+    manifest = {"method": req.model.method, "key": p.key, "seed_tag": req.seed_tag, "counts": p.counts,
+                "num_images": p.total, "sample": dataclasses.asdict(s), "use_gpu": use_gpu,
+                "compile_net": bool(p.total and p.compile_net),  # asked of the actors (a fallback is in their log)
+                "model": str(req.model.weights), "grid": grid,
+                "seconds": round(seconds, 2),  # from the start of the pool its set shared
+                "image_shape": data.manifest["image_shape"], "class_names": data.manifest["class_names"]}
+    write_json(p.tmp / "manifest.json", manifest)
+    if p.out.exists():
+        shutil.rmtree(p.out)
+    os.rename(p.tmp, p.out)
+    log.info("sample[%s]: %d images in %.1f s%s -> %s", req.folder, p.total, seconds,
+             " (network compiled)" if p.compile_net else "", p.out)
+    return SampleArtifact(req.model.method, p.out, p.total, skipped=False)
 
 
 def sample_compile(cfg: Config, s, images: int, use_gpu: bool) -> bool:

@@ -1,5 +1,6 @@
 """Sample stage: the evaluation set of every trained method, generated on a Ray Data actor pool
-(pipeline/common/generation.py) with the sample section's sampler, steps and guidance.
+(pipeline/common/generation.py; one pool for all the stage's sets) with the sample section's sampler,
+steps and guidance.
 
 `sample.plan`: `balanced` (`per_class` of every class: what FID against the balanced reference
 needs), `fill` (every class up to the head count) or `counts` (explicit). Every method's image k of class c starts from the same noise (seed tag
@@ -19,7 +20,7 @@ import json
 
 from pipeline.common.artifacts import DatasetArtifact, ModelArtifact, SampleArtifact
 from pipeline.common.devices import cluster_gpus, resolve_use_gpu
-from pipeline.common.generation import generate_set
+from pipeline.common.generation import SetRequest, generate_sets
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 
@@ -37,21 +38,20 @@ def plan_counts(cfg: Config, manifest: dict) -> list[int]:
 
 
 def run_sample(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArtifact]) -> dict[str, SampleArtifact]:
+    """Every method's evaluation set and the companion grids, in one pipeline on one actor pool."""
     use_gpu = resolve_use_gpu(cfg.sample.use_gpu, cluster_gpus(), "sample")
     counts = plan_counts(cfg, data.manifest)
-    sets = {method: generate_set(cfg, data, art, counts, folder=method, seed_tag="eval", use_gpu=use_gpu)
-            for method, art in models.items()}
-    companion_grids(cfg, data, models, use_gpu)
-    return sets
+    evaluation = [SetRequest(cfg, art, counts, folder=method, seed_tag="eval") for method, art in models.items()]
+    sets = generate_sets(data, evaluation + companion_requests(cfg, data, models), use_gpu)
+    return {method: sets[method] for method in models}
 
 
-def companion_grids(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArtifact],
-                    use_gpu: bool) -> dict[str, SampleArtifact]:
+def companion_requests(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArtifact]) -> list[SetRequest]:
     """The source model's and the unguided model's grids of the methods that have them (above)."""
     from models.methods.registry import method_needs
 
     per_class = [cfg.sample.grid_per_class] * len(data.manifest["class_counts"])
-    out = {}
+    out = []
     if cfg.sample.grid_per_class < 1:
         return out
     for method, art in models.items():
@@ -59,11 +59,9 @@ def companion_grids(cfg: Config, data: DatasetArtifact, models: dict[str, ModelA
         source = cfg.run_dir / "train" / f"{method}-source"
         if needs.source_model and (source / "manifest.json").is_file() and (source / "model.pt").is_file():
             metrics = json.loads((source / "manifest.json").read_text()).get("metrics", {})
-            out[f"{method}-source"] = generate_set(cfg, data, ModelArtifact(f"{method}-source", source, metrics, True),
-                                                   per_class, folder=f"{method}-source", seed_tag="eval",
-                                                   use_gpu=use_gpu)
+            out.append(SetRequest(cfg, ModelArtifact(f"{method}-source", source, metrics, True), per_class,
+                                  folder=f"{method}-source", seed_tag="eval"))
         if needs.guidance and (cfg.sample.guidance_scale is None or cfg.sample.guidance_scale > 0):
             plain = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, guidance_scale=0.0))
-            out[f"{method}-unguided"] = generate_set(plain, data, art, per_class, folder=f"{method}-unguided",
-                                                     seed_tag="eval", use_gpu=use_gpu)
+            out.append(SetRequest(plain, art, per_class, folder=f"{method}-unguided", seed_tag="eval"))
     return out

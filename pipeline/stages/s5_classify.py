@@ -97,7 +97,7 @@ def run_classify(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArti
                  omegas: dict | None = None) -> dict[str, ClassifierArtifact]:
     """Every arm of the run: the baselines, then (after the augmentation sets) the synthetic arms.
     `omegas`: method -> its own guidance ω for the augmentation images (a study's choice)."""
-    from pipeline.common.generation import generate_set
+    from pipeline.common.generation import SetRequest, generate_sets
     from pipeline.stages.s5_classify_report import write_classify_table
 
     arms = plan_arms(cfg)
@@ -116,15 +116,17 @@ def run_classify(cfg: Config, data: DatasetArtifact, models: dict[str, ModelArti
     if filtering:  # the CE judge must exist before the synthetic sets are filtered
         results.update(train_arms(cfg, data, baselines, sets))
     sample_gpu = resolve_use_gpu(cfg.sample.use_gpu, cluster_gpus(), "sample")
-    for method in dict.fromkeys(a.method for a in synthetic):
+    methods = list(dict.fromkeys(a.method for a in synthetic))
+    for method in methods:
         if method not in models:
             raise TaildiffError(f"classify arms of {method} need its trained model: add {method} to train.methods "
                                 "or drop it from classify.methods")
-        samples = generate_set(augmentation_config(cfg, (omegas or {}).get(method)), data, models[method],
-                               synthetic_counts(cfg, counts),
-                               folder=f"{method}-augment", seed_tag="augment", use_gpu=sample_gpu)
+    augment = generate_sets(data, [SetRequest(augmentation_config(cfg, (omegas or {}).get(m)), models[m],
+                                              synthetic_counts(cfg, counts), folder=f"{m}-augment", seed_tag="augment")
+                                   for m in methods], use_gpu=sample_gpu)  # every method's set on one actor pool
+    for method in methods:
         judge = results.get("ce") if filtering else None
-        sets[method] = build_training_set(cfg, data, method, samples, judge)
+        sets[method] = build_training_set(cfg, data, method, augment[f"{method}-augment"], judge)
     results.update(train_arms(cfg, data, synthetic if filtering else arms, sets))
     results = {a.name: results[a.name] for a in arms}
     write_classify_table(cfg, data, results, cfg.run_dir / "classify" / "table.md")

@@ -134,16 +134,15 @@ def choose_omegas(cfg: Config, data, models: dict) -> dict:
 def evaluate_models(cfg: Config, data, models: dict, omegas: dict) -> dict:
     """Each model's paired evaluation set at its ω, then the evaluate stage on them."""
     from pipeline.common.devices import cluster_gpus, resolve_use_gpu
-    from pipeline.common.generation import generate_set
+    from pipeline.common.generation import SetRequest, generate_sets
     from pipeline.stages.s3_sample import plan_counts
     from pipeline.stages.s4_evaluate import run_evaluate
 
     use_gpu = resolve_use_gpu(cfg.sample.use_gpu, cluster_gpus(), "sample")
-    samples = {}
-    for name, art in models.items():
-        at = _replace(cfg, sample={"omega": omegas[name], "omega_by_method": ()})
-        samples[name] = generate_set(at, data, art, plan_counts(cfg, data.manifest), folder=name, seed_tag="eval",
-                                     use_gpu=use_gpu)
+    counts = plan_counts(cfg, data.manifest)
+    samples = generate_sets(data, [SetRequest(_replace(cfg, sample={"omega": omegas[name], "omega_by_method": ()}), art,
+                                              counts, folder=name, seed_tag="eval")
+                                   for name, art in models.items()], use_gpu)  # one actor pool for every model
     return run_evaluate(cfg, data, samples)
 
 
