@@ -34,7 +34,8 @@ def quiet_ray_logs() -> None:
 STARTUP_TIMEOUT = "timed out during startup"
 
 # Ray Train's preemption watcher (one more actor process per fit, importing ray.train: about 2.7
-# CPU-seconds and 2 s of a fit's start-up on a 2-core machine) polls the nodes that host the workers
+# CPU-seconds on a 2-core machine, spent beside the training, not in the fit's start-up:
+# bench_fit_overhead.py --preemption-watcher found no wall-time difference) polls the nodes that host the workers
 # for a drain notice from the autoscaler. A local instance is one node with no autoscaler, so it
 # never gets one; a cluster joined through RAY_ADDRESS keeps Ray's default (on).
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
